@@ -1,0 +1,21 @@
+"""chatts-train: LoRA fine-tuning of ChatTS-14B with a hand-written DeepSpeed loop.
+
+Everything a custom loop needs is importable from here; `train()` is the whole job.
+"""
+from .checkpoint import load_resume, save_adapter, save_resume, trainable_state_dict
+from .collate import collate, pack
+from .config import TrainConfig, parse_config
+from .data import DataIndex, SampleReader, epoch_order, index_data, resolve_sources, split
+from .engine import add_lora, build_engine, build_model, load_ds_config
+from .errors import ChatTSTrainError, CheckpointError, DataError, TrainingError
+from .modeling import ChatTSConfig, ChatTSForCausalLM, load_model
+from .processor import ChatTSProcessor
+from .train import index_on_rank0, micro_step, step_samples, train
+
+__all__ = [
+    "ChatTSConfig", "ChatTSForCausalLM", "ChatTSProcessor", "ChatTSTrainError", "CheckpointError", "DataError",
+    "DataIndex", "SampleReader", "TrainConfig", "TrainingError", "add_lora", "build_engine", "build_model",
+    "collate", "epoch_order", "index_data", "index_on_rank0", "load_ds_config", "load_model", "load_resume",
+    "micro_step", "pack", "parse_config", "resolve_sources", "save_adapter", "save_resume", "split",
+    "step_samples", "train", "trainable_state_dict",
+]

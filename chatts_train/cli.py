@@ -1,0 +1,115 @@
+"""`chatts-train` command line: train, inspect-data, make-tiny, make-data (more in their own modules)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from typing import Optional
+
+from .errors import ChatTSTrainError
+from .modeling import TS_TOKEN_ID
+
+
+def _inspect_data(args: argparse.Namespace) -> None:
+    from .data import SampleReader, describe, index_data, resolve_sources
+    from .processor import ChatTSProcessor
+
+    processor = ChatTSProcessor.from_pretrained(args.model_path)
+    index = index_data(resolve_sources(args.data, args.dataset_dir), processor, args.cutoff_len, args.strict_data)
+    rows = list(describe(index))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows, args.cutoff_len))
+    for p in index.problems[:args.problems]:
+        print(f"  {p}")
+    if len(index.problems) > args.problems:
+        print(f"  ... {len(index.problems) - args.problems} more problems")
+    reader = SampleReader(index, processor)
+    for i in range(min(args.show, len(index))):
+        src = index.sources[index.source[i]]
+        enc = reader[i]
+        ids = enc.input_ids.tolist()
+        # Show each series' run of `<ts>` positions as one marker with its length.
+        parts = []
+        for is_ts, run in itertools.groupby(ids, key=lambda t: t == TS_TOKEN_ID):
+            run = list(run)
+            parts.append(f"<ts x{len(run)}>" if is_ts else processor.tokenizer.decode(run))
+        text = parts
+        print(f"\n--- {src.path}:{index.line[i]} ({len(ids)} positions, {int((enc.labels != -100).sum())} "
+              f"answer tokens) ---\n{''.join(text)}")
+
+
+def format_table(rows: list[dict], cutoff_len: int) -> str:
+    def mm(d: dict) -> str:
+        return f"{d['min']}/{d['median']}/{d['p95']}/{d['max']}"
+
+    head = ["dataset", "kept", "dropped (reason: n)", "series/sample", "series length", "seq len", "answer tok"]
+    body = [[r["dataset"], str(r["kept"]), ", ".join(f"{k}: {v}" for k, v in r["dropped"].items()) or "-",
+             mm(r["series_per_sample"]), mm(r["series_length"]), mm(r["seq_len"]), mm(r["answer_tokens"])]
+            for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([f"statistics as min/median/p95/max; seq len = text tokens + time-series patches "
+                      f"(cutoff {cutoff_len})", line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _make_tiny(args: argparse.Namespace) -> None:
+    from .standins.checkpoint import make_tiny_checkpoint
+
+    print(make_tiny_checkpoint(args.out, args.release, args.seed))
+
+
+def _make_data(args: argparse.Namespace) -> None:
+    from .standins.synthetic import USER_DATASETS, write_datasets
+
+    sizes = {k: max(1, round(v * args.scale)) for k, v in USER_DATASETS.items()}
+    print(write_datasets(args.out, sizes, args.length, args.seed))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the dataclass CLI owns all of train's options
+        from .train import main as train_main
+
+        return _guard(train_main, argv[1:])
+    parser = argparse.ArgumentParser(prog="chatts-train", description="ChatTS LoRA fine-tuning toolkit")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="run training (see `chatts-train train --help`)")
+    p = sub.add_parser("inspect-data", help="per-dataset statistics of the expanded sequences")
+    p.add_argument("--model_path", required=True, help="a ChatTS checkpoint (its tokenizer and ts config)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--dataset_dir", default="data")
+    p.add_argument("--cutoff_len", type=int, default=4096)
+    p.add_argument("--strict_data", action="store_true")
+    p.add_argument("--show", type=int, default=0, help="print N rendered prompts")
+    p.add_argument("--problems", type=int, default=10, help="print up to N bad-sample reports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_inspect_data)
+    p = sub.add_parser("make-tiny", help="write a tiny random ChatTS checkpoint in the published format")
+    p.add_argument("--out", required=True)
+    p.add_argument("--release", choices=["0801", "legacy"], default="0801")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_make_tiny)
+    p = sub.add_parser("make-data", help="write the four synthetic datasets + dataset_info.json")
+    p.add_argument("--out", required=True)
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the users' 421 samples")
+    p.add_argument("--length", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_make_data)
+    args = parser.parse_args(argv)
+    _guard(args.fn, args)
+
+
+def _guard(fn, arg) -> None:
+    """Our errors are for the user: print the message, not a traceback."""
+    try:
+        fn(arg)
+    except ChatTSTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Errors that tell the user what is wrong and where; the CLI prints them without a traceback."""
+from __future__ import annotations
+
+
+class ChatTSTrainError(Exception):
+    """Base class: anything the user can fix from the message alone."""
+
+
+class CheckpointError(ChatTSTrainError):
+    """A model folder that is not a complete ChatTS checkpoint, or an adapter that does not fit it."""
+
+
+class DataError(ChatTSTrainError):
+    """Bad training data: names the file, the line and the reason."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = problems or []
+        if self.problems:
+            shown = "\n  ".join(self.problems[:20])
+            more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+            message = f"{message}\n  {shown}{more}"
+        super().__init__(message)
+
+
+class TrainingError(ChatTSTrainError):
+    """The run cannot go on (diverged, loss scale at its minimum, out of memory)."""

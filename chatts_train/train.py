@@ -1,0 +1,249 @@
+"""The training loop: set up, iterate, step, log, save. Read it top to bottom; `train()` is the whole job.
+
+DeepSpeed facts this loop relies on: `engine.backward` divides the loss by the accumulation steps and
+`engine.step()` must be called after every micro-batch (it only updates at the accumulation boundary,
+skips the update on fp16 overflow and steps the scheduler itself). We never zero grads or step the
+scheduler by hand.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from typing import Iterator, Optional
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+
+from .checkpoint import load_resume, save_adapter, save_resume
+from .collate import collate
+from .config import TrainConfig, parse_config
+from .data import DataIndex, SampleReader, describe, epoch_order, index_data, resolve_sources, split
+from .engine import add_lora, build_engine, build_model, load_ds_config, loss_scale, precision
+from .errors import TrainingError
+from .metrics import MetricsLog, format_summary, gather_floats, memory_snapshot, plot, summarise
+from .processor import ChatTSProcessor
+
+
+def rank0_print(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def index_on_rank0(cfg: TrainConfig, processor: ChatTSProcessor) -> DataIndex:
+    """Rank 0 reads and checks the data once; the others get the index (or the error) from it."""
+    payload: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = index_data(resolve_sources(cfg.data, cfg.dataset_dir), processor, cfg.cutoff_len,
+                                    cfg.strict_data)
+        except Exception as e:  # every rank must raise it, or the others wait here forever
+            payload[0] = e
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], Exception):
+        raise payload[0]
+    return payload[0]
+
+
+def step_samples(order: np.ndarray, step_in_epoch: int, micro_batch: int, world: int, grad_accum: int,
+                 rank: int) -> list[np.ndarray]:
+    """This rank's micro-batches for one optimizer step. `order` is the epoch's sample order, wrapped so
+    every step is full (as torch's DistributedSampler pads), so all ranks run the same number of steps."""
+    per_step = micro_batch * world * grad_accum
+    need = (step_in_epoch + 1) * per_step
+    if len(order) < need:
+        order = np.resize(order, need)
+    block = order[step_in_epoch * per_step: need]
+    return [block[(m * world + rank) * micro_batch:(m * world + rank + 1) * micro_batch] for m in range(grad_accum)]
+
+
+def micro_step(engine, batch: dict, token_scale: float) -> tuple[float, int]:
+    """Forward, backward and `engine.step()` for one micro-batch. `token_scale` (= accumulation steps x
+    world size / answer tokens of the whole optimizer step) makes the gradient that of the mean over all
+    answer tokens of the step, across micro-steps and ranks, rather than a mean of per-sample means."""
+    out = engine(**batch)
+    engine.backward(out.loss_sum * token_scale)
+    engine.step()
+    return out.loss_sum.item(), int(out.num_tokens)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask for a clean stop; all ranks agree at the next micro-step boundary."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def agreed(self, device) -> bool:
+        t = torch.tensor([float(self.flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def oom_advice(index: DataIndex, ids: np.ndarray, seq_len: int) -> str:
+    where = ", ".join(f"{index.sources[index.source[i]].path}:{index.line[i]}" for i in ids)
+    return (f"CUDA out of memory at sequence length {seq_len} (sample {where}). Try: parameter offload "
+            f"(--offload param), a smaller --cutoff_len, or measure first with benchmarks/memprobe.py "
+            f"--seq-len {seq_len}.")
+
+
+def train(cfg: TrainConfig) -> dict:
+    # ---- set up -------------------------------------------------------------------------------------
+    t_start = time.time()
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
+    mb, ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+
+    processor = ChatTSProcessor.from_pretrained(cfg.model_path)
+    index = index_on_rank0(cfg, processor)
+    train_ids, val_ids = split(index, cfg.val_size, cfg.seed)
+    steps_per_epoch = math.ceil(len(train_ids) / (mb * world * ga))
+    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
+    for d in describe(index):
+        rank0_print(f"[data] {d['dataset']}: kept {d['kept']}, dropped {d['dropped'] or 'none'}, "
+                    f"seq_len {d['seq_len']}, answer tokens {d['answer_tokens']}")
+    if index.problems:
+        rank0_print(f"[data] skipped {len(index.problems)} bad samples, e.g. {index.problems[0]} "
+                    f"(--strict_data to stop instead)")
+    rank0_print(f"[data] {len(train_ids)} train / {len(val_ids)} eval samples; {steps_per_epoch} optimizer steps "
+                f"per epoch of {mb} x {ga} x {world} samples; {total_steps} steps in all")
+
+    model, hf_ds = build_model(cfg.model_path, ds, cfg.attn_implementation)
+    model = add_lora(model, cfg, cfg.gradient_checkpointing)
+    engine = build_engine(model, ds, cfg, total_steps)
+    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    rank0_print(f"[model] {cfg.model_path}: attention {model.config._attn_implementation}, dtype {precision(ds)}, "
+                f"ZeRO stage {ds['zero_optimization'].get('stage', 0)}, offload param "
+                f"{bool(ds['zero_optimization'].get('offload_param'))} / optimizer "
+                f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable {n_trainable / 1e6:.2f} M, "
+                f"loss scale {loss_scale(engine):g}")
+
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    start_step = 0
+    if cfg.resume:
+        start_step, _ = load_resume(engine, ckpt_root)
+        rank0_print(f"[resume] continuing at optimizer step {start_step}")
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
+            json.dump({"train": asdict(cfg), "deepspeed": ds}, f, indent=2)
+    reader = SampleReader(index, processor)
+    pad_id = processor.tokenizer.pad_token_id
+    log = MetricsLog(cfg.output_dir, rank == 0, cfg.tensorboard, resume=cfg.resume)
+    stop = StopRequest()
+    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, dynamic_ncols=True, desc="train")
+    bad_steps, first_step_s, samples_seen = 0, None, 0
+
+    # ---- iterate ------------------------------------------------------------------------------------
+    for step in range(start_step, total_steps):
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        order = epoch_order(index, train_ids, cfg.seed, epoch)
+        plan = step_samples(order, in_epoch, mb, world, ga, rank)
+        batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in plan]
+        # Answer tokens of the whole optimizer step, over all ranks: the loss is their mean.
+        counts = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in batches))], device=device)
+        dist.all_reduce(counts)
+        token_scale = ga * world / max(counts.item(), 1.0)
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for ids, batch in zip(plan, batches):
+            if stop.agreed(device):
+                save_resume(engine, ckpt_root, step, cfg.keep_checkpoints)
+                rank0_print(f"\n[stop] signal received: saved a resume checkpoint at step {step} in {ckpt_root}; "
+                            f"continue with --resume")
+                bar.close()
+                return {"stopped_at": step}
+            batch = {k: v.to(device) for k, v in batch.items()}
+            try:
+                part, _ = micro_step(engine, batch, token_scale)
+            except torch.OutOfMemoryError as e:
+                raise TrainingError(oom_advice(index, ids, batch["input_ids"].shape[1])) from e
+            except Exception as e:
+                if "loss scale already at minimum" not in str(e):
+                    raise
+                save_resume(engine, ckpt_root, step, cfg.keep_checkpoints)
+                raise TrainingError(f"fp16 loss scale reached its minimum at step {step}: gradients overflow "
+                                    f"even unscaled. Saved a checkpoint in {ckpt_root}. Lower the learning rate, "
+                                    f"check the data for extreme values, or train in fp32.") from e
+            loss_sum += part
+            tokens += int(batch["attention_mask"].sum())
+        step_time = time.perf_counter() - t0
+        first_step_s = first_step_s or (time.time() - t_start)
+        samples_seen += mb * ga * world
+
+        # ---- log ------------------------------------------------------------------------------------
+        mem = memory_snapshot(device)
+        per_rank = gather_floats([loss_sum, tokens, mem["allocated"], mem["reserved"], mem["active"], mem["host"]],
+                                 device)
+        loss = sum(r[0] for r in per_rank) / max(counts.item(), 1.0)
+        bad_steps = bad_steps + 1 if not math.isfinite(loss) else 0
+        row = {
+            "step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "loss": loss, "lr": engine.get_lr()[0],
+            "loss_scale": loss_scale(engine), "skipped": int(not engine.was_step_applied()),
+            "grad_norm": _finite_or_none(engine.get_global_grad_norm()), "tokens": int(sum(r[1] for r in per_rank)),
+            "answer_tokens": int(counts.item()), "step_time_s": round(step_time, 4),
+            "tokens_per_s_per_gpu": round(sum(r[1] for r in per_rank) / step_time / world, 1),
+            "peak_allocated_gib": [round(r[2], 3) for r in per_rank], "peak_reserved_gib": [round(r[3], 3) for r in per_rank],
+            "peak_active_gib": [round(r[4], 3) for r in per_rank], "host_rss_gib": [round(r[5], 2) for r in per_rank],
+        }
+        log.log(row)
+        bar.update(1)
+        bar.set_postfix(ep=row["epoch"], loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", scale=f"{row['loss_scale']:g}",
+                        tok_s=row["tokens_per_s_per_gpu"], mem=f"{max(row['peak_reserved_gib']):.1f}G")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # so each row holds that step's peak
+        if bad_steps >= cfg.max_bad_steps:
+            save_resume(engine, ckpt_root, step + 1, cfg.keep_checkpoints)
+            raise TrainingError(f"loss was NaN/inf for {bad_steps} steps in a row (step {step + 1}); saved a "
+                                f"checkpoint in {ckpt_root}. Lower the learning rate or check the data.")
+
+        # ---- save -----------------------------------------------------------------------------------
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total_steps:
+            save_resume(engine, ckpt_root, step + 1, cfg.keep_checkpoints)
+
+    bar.close()
+    save_adapter(engine.module, os.path.join(cfg.output_dir, "adapter"))
+    save_resume(engine, ckpt_root, total_steps, cfg.keep_checkpoints)
+    log.close()
+    summary = summarise(log.rows, time.time() - t_start, samples_seen, first_step_s)
+    if rank == 0:
+        summary["adapter"] = os.path.join(cfg.output_dir, "adapter")
+        if cfg.plot:
+            summary["plot"] = plot(log.rows, os.path.join(cfg.output_dir, "training.png"))
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        rank0_print(format_summary(summary))
+    del hf_ds
+    return summary
+
+
+def _finite_or_none(x) -> Optional[float]:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    train(parse_config(TrainConfig, argv, description="LoRA fine-tuning of ChatTS with DeepSpeed"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The native model: published keys and shapes, the encoder against the official per-series code,
+batch == one by one, and checkpoint errors."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatts_train.collate import collate, pack
+from chatts_train.errors import CheckpointError
+from chatts_train.modeling import ChatTSForCausalLM, load_model
+from chatts_train.published import chatts_config
+
+
+def published_keys(release, layers, hidden, inter, kv, vocab=152064):
+    """The published state-dict list of shapes, written from the format description, not from our code."""
+    first = 136 if release == "0801" else 16
+    keys = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        keys.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
+                     p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.k_proj.bias": (kv,),
+                     p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.v_proj.bias": (kv,),
+                     p + "self_attn.o_proj.weight": (hidden, hidden), p + "mlp.gate_proj.weight": (inter, hidden),
+                     p + "mlp.up_proj.weight": (inter, hidden), p + "mlp.down_proj.weight": (hidden, inter),
+                     p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+    for j, k in enumerate((0, 2, 4, 6, 8)):
+        keys[f"ts_encoder.mlp.{k}.weight"] = (hidden, first if j == 0 else hidden)
+        keys[f"ts_encoder.mlp.{k}.bias"] = (hidden,)
+    if release == "0801":
+        keys["ts_encoder.position_embedding.weight"] = (32769, 16)
+    return keys
+
+
+@pytest.mark.parametrize("release", ["0801", "legacy"])
+def test_tiny_checkpoint_has_published_keys_and_format(tiny, release):
+    path = tiny[release]
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    assert cfg["architectures"] == ["Qwen2TSForCausalLM"] and "ts" in cfg
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) == 3
+    model = load_model(path, dtype=torch.float32)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == published_keys(release, 2, 64, 128, 2 * 16)
+    assert set(index["weight_map"]) == set(got)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_14b_shape_from_config_has_published_keys():
+    from chatts_train.published import chatts_config
+    from chatts_train.modeling import ChatTSConfig
+
+    cfg = chatts_config("0801", num_hidden_layers=1)  # one layer: same key pattern and shapes, small to build
+    cfg.pop("model_type")
+    with torch.device("meta"):
+        model = ChatTSForCausalLM(ChatTSConfig(**cfg))
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == published_keys("0801", 1, 5120, 13824, 1024)
+    encoder = sum(v.numel() for k, v in model.state_dict().items() if k.startswith("ts_encoder"))
+    assert 100e6 < encoder < 110e6  # ~105 M
+
+
+def official_encoder(encoder, ts_cfg, series_list):
+    """The official ChatTS encoder forward, per series on interleaved (value, mask) input, for reference."""
+    p, use_pos = ts_cfg["patch_size"], ts_cfg.get("use_position_embedding", False)
+    rows = []
+    for z in series_list:
+        x = torch.tensor(np.stack([z, np.ones_like(z)], -1), dtype=torch.float32)  # [L, 2]
+        vl = int(x[:, 1].sum())
+        pc = (vl + p - 1) // p
+        xi = x[:vl, :1]
+        pad = pc * p - vl
+        pos = torch.arange(vl)
+        if pad:
+            xi = torch.cat([xi, xi[-1:].repeat(pad, 1) if use_pos else torch.zeros(pad, 1)])
+            pos = torch.cat([pos, torch.full((pad,), ts_cfg.get("max_sequence_length", 0))])
+        xi = xi.reshape(pc, p)
+        if use_pos:
+            xi = torch.cat([xi, encoder.position_embedding(pos.reshape(pc, p)).reshape(pc, -1)], -1)
+        rows.append(xi)
+    return encoder.mlp(torch.cat(rows))
+
+
+@pytest.mark.parametrize("release", ["0801", "legacy"])
+def test_encoder_sees_the_official_rows(tiny, processors, release):
+    model = load_model(tiny[release], dtype=torch.float32)
+    proc = processors[release]
+    rng = np.random.default_rng(0)
+    series = [rng.normal(size=n) * 10 for n in (1, 7, 8, 100, 5000)]
+    batch = proc(text=["".join("<ts><ts/>" for _ in series)], timeseries=[s.tolist() for s in series])
+    ours = model.ts_encoder(batch["ts_patches"], batch["ts_positions"])
+    zs = proc(text=["".join("<ts><ts/>" for _ in series)], timeseries=[s.tolist() for s in series], tokenize=False)["timeseries"]
+    ref = official_encoder(model.ts_encoder, model.config.ts, zs)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_batch_equals_one_by_one_on_mixed_batches(tiny, processors):
+    model = load_model(tiny["0801"], dtype=torch.float32).eval()
+    proc = processors["0801"]
+    rng = np.random.default_rng(2)
+    samples = [proc.encode_chat("plain text, no series", [], "fine"),
+               proc.encode_chat("<ts><ts/><ts><ts/><ts><ts/>", [rng.normal(size=n) for n in (3, 64, 17)], "three"),
+               proc.encode_chat("long <ts><ts/>", [rng.normal(size=32768)], "long one"),
+               proc.encode_chat("one point <ts><ts/>", [np.array([4.0])], "single")]
+    pad = proc.tokenizer.pad_token_id
+    with torch.no_grad():
+        together = model(**collate(samples, pad))
+        alone = [model(**collate([s], pad)) for s in samples]
+        packed = model(**pack(samples, pad))
+    torch.testing.assert_close(together.loss_sum, sum(a.loss_sum for a in alone), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(together.logits, torch.cat([a.logits for a in alone]), rtol=1e-4, atol=1e-4)
+    # packing keeps attention inside each sample: same logits and loss as one by one
+    torch.testing.assert_close(packed.logits, torch.cat([a.logits for a in alone]), rtol=1e-4, atol=1e-4)
+    assert int(together.num_tokens) == sum(int(a.num_tokens) for a in alone)
+
+
+def test_loss_uses_only_answer_positions(tiny, processors):
+    model = load_model(tiny["legacy"], dtype=torch.float32).eval()
+    proc = processors["legacy"]
+    b = collate([proc.encode_chat("x <ts><ts/>", [np.arange(40.0)], "answer here")], proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model(**b)
+        full = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+    ref = F.cross_entropy(full[0, :-1].float(), b["labels"][0, 1:], ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(out.loss_sum, ref, rtol=1e-5, atol=1e-5)
+    assert out.logits.shape[0] == int((b["labels"] != -100).sum())
+
+
+def test_encoder_runs_on_a_batch_without_series(tiny, processors):
+    model = load_model(tiny["0801"], dtype=torch.float32)
+    calls = []
+    model.ts_encoder.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    b = collate([processors["0801"].encode_chat("no series", [], "ok")], 151643)
+    model(**b).loss.backward()
+    assert calls == [torch.Size([0, 64])]
+
+
+def test_checkpoint_round_trip_and_errors(tiny, tmp_path):
+    from chatts_train.standins.checkpoint import save_sharded
+
+    model = load_model(tiny["0801"], dtype=torch.float32)
+    out = tmp_path / "copy"
+    shutil.copytree(tiny["0801"], out)
+    for f in out.glob("model-*.safetensors"):
+        f.unlink()
+    sd = {k: v.half() for k, v in model.state_dict().items()}
+    save_sharded(sd, str(out), 2)
+    again = load_model(str(out), dtype=torch.float16)
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+    (out / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing weight shards model-00002-of-00002"):
+        load_model(str(out))
+    bad = tmp_path / "qwen"
+    bad.mkdir()
+    cfg = chatts_config("0801")
+    cfg.pop("ts")
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not a ChatTS config"):
+        load_model(str(bad))
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(str(tmp_path / "nowhere"))
