@@ -10,7 +10,7 @@ from .engine import add_lora, build_engine, build_model, load_ds_config
 from .errors import ChatTSTrainError, CheckpointError, DataError, TrainingError
 from .modeling import ChatTSConfig, ChatTSForCausalLM, load_model
 from .processor import ChatTSProcessor
-from .train import index_on_rank0, micro_step, step_samples, train
+from .loop import index_on_rank0, micro_step, step_samples, train
 
 __all__ = [
     "ChatTSConfig", "ChatTSForCausalLM", "ChatTSProcessor", "ChatTSTrainError", "CheckpointError", "DataError",

@@ -71,7 +71,7 @@ def _make_data(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # the dataclass CLI owns all of train's options
-        from .train import main as train_main
+        from .loop import main as train_main
 
         return _guard(train_main, argv[1:])
     parser = argparse.ArgumentParser(prog="chatts-train", description="ChatTS LoRA fine-tuning toolkit")

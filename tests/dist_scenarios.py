@@ -1,0 +1,240 @@
+"""Multi-process training scenarios, run once under `torchrun --nproc_per_node 2` by test_training.py.
+
+Each DeepSpeed start costs tens of seconds here, so one launch runs every scenario and rank 0 writes what
+it saw to `<out>/results.json`; the assertions live in test_training.py. ZeRO-3 with
+`stage3_param_persistence_threshold: 0`, so the tiny model is really partitioned across the 2 ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import chatts_train.loop as loop
+from chatts_train import TrainConfig, add_lora, build_engine, build_model, load_ds_config, load_resume, train
+from chatts_train.collate import collate
+from chatts_train.errors import TrainingError
+from chatts_train.modeling import load_model
+from chatts_train.processor import ChatTSProcessor
+
+OUT, CKPT = sys.argv[1], sys.argv[2]
+RESULTS: dict = {}
+torch.set_num_threads(1)
+
+
+def ds_config(path: str, fp16: bool = False, **fp16_args) -> str:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8, "gradient_clipping": 1.0,
+        "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1, **fp16_args},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False},
+        "steps_per_print": 10 ** 9,
+    }
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+    dist.barrier()
+    return path
+
+
+def rows(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def wrap_micro_step(hook):
+    """Route the loop's micro-steps through `hook(call_no, engine, batch, token_scale)`."""
+    real = loop.micro_step
+    calls = {"n": 0}
+
+    def wrapped(engine, batch, token_scale):
+        calls["n"] += 1
+        return hook(calls["n"], real, engine, batch, token_scale)
+
+    loop.micro_step = wrapped
+    return real
+
+
+def run(name, fn):
+    try:
+        RESULTS[name] = fn()
+    except Exception as e:  # record and go on: one failing scenario must not hide the others
+        RESULTS[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+
+
+def base_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"model_path": CKPT, "fp16": False, "offload": "none", "save_steps": 2, "log_steps": 1,
+                          "plot": False, "tensorboard": False, "warmup_ratio": 0.0, **kw})
+
+
+def interrupted_and_resumed():
+    """Full run vs. SIGTERM during step 3 + --resume: same steps, same data, same losses."""
+    data = os.path.join(OUT, "task.jsonl")
+    ds = ds_config(os.path.join(OUT, "ds_fp32.json"))
+    full_dir, cut_dir = os.path.join(OUT, "full"), os.path.join(OUT, "cut")
+    full = train(base_cfg(data=data, ds_config=ds, output_dir=full_dir, max_steps=5, learning_rate=2e-3))
+
+    def sigterm_on_rank0(n, real, engine, batch, scale):
+        if n == 2 * 8 + 3 and dist.get_rank() == 0:  # inside optimizer step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(engine, batch, scale)
+
+    real = wrap_micro_step(sigterm_on_rank0)
+    try:
+        stopped = train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3))
+    finally:
+        loop.micro_step = real
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cut_rows = rows(cut_dir)
+    resumed = train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3, resume=True))
+    return {"full_summary": full, "stopped": stopped, "rows_before_resume": len(cut_rows),
+            "full": rows(full_dir), "resumed": rows(cut_dir),
+            "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}
+
+
+def eval_losses(model, processor, samples, device) -> list[float]:
+    losses = []
+    with torch.no_grad():
+        for s in samples:
+            b = {k: v.to(device) for k, v in collate([s], processor.tokenizer.pad_token_id).items()}
+            losses.append(float(model(**b).loss))
+    return losses
+
+
+def adapter_reproduces_engine():
+    """Rebuild the engine from the final resume checkpoint (partitioned over 2 ranks) and compare its
+    outputs with rank 0's plain base model + the saved adapter via PeftModel.from_pretrained."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    full_dir = os.path.join(OUT, "full")
+    cfg = base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=os.path.join(OUT, "ds_fp32.json"),
+                   output_dir=full_dir, max_steps=5)
+    ds = load_ds_config(cfg.ds_config, dist.get_world_size(), fp16=False, offload="none")
+    processor = ChatTSProcessor.from_pretrained(CKPT)
+    model, hf_ds = build_model(CKPT, ds)
+    engine = build_engine(add_lora(model, cfg), ds, cfg, total_steps=5)
+    step, _ = load_resume(engine, os.path.join(full_dir, "checkpoints"))
+    rng = np.random.default_rng(7)
+    samples = [processor.encode_chat("<ts><ts/> Which anomaly is this?", [rng.normal(size=200)], "spike"),
+               processor.encode_chat("no series at all", [], "level shift")]
+    engine.eval()
+    ours = eval_losses(engine, processor, samples, engine.device)
+    partitioned = [tuple(p.shape) for n, p in engine.module.named_parameters() if "q_proj.base_layer" in n][:1]
+    del engine, hf_ds
+    out = {"step": step, "engine": ours, "partitioned_shape": partitioned}
+    if dist.get_rank() == 0:
+        tensors = load_file(os.path.join(full_dir, "adapter", "adapter_model.safetensors"))
+        out["adapter_keys"] = sorted(tensors)[:3]
+        out["adapter_min_numel"] = min(t.numel() for t in tensors.values())
+        out["adapter_nonzero_B"] = sum(int(t.abs().sum() > 0) for k, t in tensors.items() if "lora_B" in k)
+        base = load_model(CKPT, dtype=torch.float32)
+        peft = PeftModel.from_pretrained(base, os.path.join(full_dir, "adapter")).eval()
+        out["peft"] = eval_losses(peft, processor, samples, "cpu")
+        out["base"] = eval_losses(load_model(CKPT, dtype=torch.float32).eval(), processor, samples, "cpu")
+    dist.barrier()
+    return out
+
+
+def learns_from_series():
+    """Spike vs level shift, same question every time: only the series tell the answer apart."""
+    from peft import PeftModel
+
+    ds = ds_config(os.path.join(OUT, "ds_learn.json"))
+    out_dir = os.path.join(OUT, "learn")
+    train(base_cfg(data=os.path.join(OUT, "learn.jsonl"), ds_config=ds, output_dir=out_dir, val_size=32,
+                   micro_batch=4, grad_accum=1, num_epochs=6, learning_rate=1e-2, encoder_lr=3e-3,
+                   train_encoder=True, lora_encoder=False, save_steps=0, seed=1))
+    res = {}
+    if dist.get_rank() == 0:
+        from chatts_train.data import index_data, resolve_sources, split, SampleReader  # noqa: F401
+
+        processor = ChatTSProcessor.from_pretrained(CKPT)
+        with open(os.path.join(OUT, "learn.jsonl")) as f:
+            lines = [json.loads(x) for x in f]
+        index = index_data(resolve_sources(os.path.join(OUT, "learn.jsonl")), processor, 4096)
+        _, val_ids = split(index, 32, seed=1)
+        val = [lines[int(index.line[i]) - 1] for i in val_ids]
+        model = PeftModel.from_pretrained(load_model(CKPT, dtype=torch.float32), os.path.join(out_dir, "adapter")).eval()
+
+        def accuracy(series_for):
+            right = 0
+            for k, s in enumerate(val):
+                series = [np.asarray(x) for x in series_for(k)]
+                cands = [processor.encode_chat(s["input"], series, a) for a in ("spike", "level shift")]
+                losses = [float(model(**collate([c], 151643)).loss_sum) for c in cands]
+                right += ("spike", "level shift")[int(np.argmin(losses))] == s["output"]
+            return right / len(val)
+
+        perm = np.random.default_rng(0).permutation(len(val))
+        with torch.no_grad():
+            res = {"accuracy": accuracy(lambda k: val[k]["timeseries"]),
+                   "shuffled": accuracy(lambda k: val[perm[k]]["timeseries"]),
+                   "shuffled_label_agreement": float(np.mean([val[k]["output"] == val[perm[k]]["output"]
+                                                              for k in range(len(val))])),
+                   "rows": rows(out_dir)}
+    dist.barrier()
+    return res
+
+
+def fp16_loss_scaling():
+    """fp16 on the CPU accelerator (patched: it refuses fp16): dynamic scaler, overflow skips + lowers."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    CPU_Accelerator.is_fp16_supported = lambda self: True
+    data = os.path.join(OUT, "task.jsonl")
+    ds = ds_config(os.path.join(OUT, "ds_fp16.json"), fp16=True, hysteresis=1, loss_scale_window=1000)
+    overflow_steps = {2, 3}  # optimizer steps (1-based) that get an inf in their backward
+
+    def inject(n, real, engine, batch, scale):
+        step = (n - 1) // 8 + 1
+        return real(engine, batch, float("inf") if step in overflow_steps and n % 8 == 1 else scale)
+
+    real = wrap_micro_step(inject)
+    out = {}
+    try:
+        train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "fp16"), max_steps=5, fp16=True,
+                       learning_rate=1e-3))
+        out["rows"] = rows(os.path.join(OUT, "fp16"))
+        # scale at its minimum: the next overflow must stop the run with a message and a checkpoint
+        ds_min = ds_config(os.path.join(OUT, "ds_fp16_min.json"), fp16=True, hysteresis=1, initial_scale_power=1,
+                           min_loss_scale=1)
+        loop.micro_step = real
+        real = wrap_micro_step(lambda n, r, e, b, s: r(e, b, float("inf") if n % 8 == 1 else s))
+        try:
+            train(base_cfg(data=data, ds_config=ds_min, output_dir=os.path.join(OUT, "fp16min"), max_steps=5,
+                           fp16=True))
+            out["min_scale"] = "no error"
+        except TrainingError as e:
+            out["min_scale"] = str(e)
+            out["min_scale_ckpt"] = sorted(os.listdir(os.path.join(OUT, "fp16min", "checkpoints")))
+        # NaN losses for max_bad_steps steps in a row stop the run
+        loop.micro_step = real
+        real = wrap_micro_step(lambda n, r, e, b, s: (float("nan"), r(e, b, s)[1]))
+        try:
+            train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "nan"), max_steps=5, fp16=True,
+                           max_bad_steps=2))
+            out["nan"] = "no error"
+        except TrainingError as e:
+            out["nan"] = str(e)
+    finally:
+        loop.micro_step = real
+    return out
+
+
+if __name__ == "__main__":
+    import deepspeed
+
+    deepspeed.init_distributed()
+    for name in sys.argv[3].split(","):
+        run(name, globals()[name])
+    if dist.get_rank() == 0:
+        with open(os.path.join(OUT, "results.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+    dist.barrier()
