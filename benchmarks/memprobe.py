@@ -47,6 +47,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--write-config", default=None, help="where to write the verdict's DeepSpeed config")
     p.add_argument("--samples", type=int, default=421, help="for the job-time estimate")
     p.add_argument("--epochs", type=float, default=3.0, help="for the job-time estimate")
+    p.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a zero_optimization key, e.g. stage3_max_live_parameters=3e8 (repeatable)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -123,6 +125,9 @@ def worker(a: argparse.Namespace) -> None:
     deepspeed.init_distributed()
     world = dist.get_world_size()
     ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
+    for kv in a.zero:
+        key, value = kv.split("=", 1)
+        ds["zero_optimization"][key] = json.loads(value)
     if a.model:
         config = check_checkpoint(a.model)
     else:
@@ -222,14 +227,15 @@ def run_probe(a: argparse.Namespace) -> dict:
     t0 = time.time()
     out = tempfile.mkdtemp(prefix="memprobe-")
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29611"),
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29611"),
            "WORLD_SIZE": str(a.num_gpus), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     argv = [x for x in sys.argv[1:] if x != "--json"]
     procs = []
     for r in range(a.num_gpus):
         procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(r), "--out", out,
-                                       "--t0", str(t0)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}))
+                                       "--t0", str(t0)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                      stdout=sys.stderr))  # keep stdout for the report (--json)
     oom_seen = None
     while any(p.poll() is None for p in procs):
         if oom_seen is None and any(p.returncode == 3 for p in procs):
@@ -250,7 +256,8 @@ def summarise(a, ranks: list[dict], wall_s: float) -> dict:
 
     ok = all(r.get("ok") for r in ranks)
     cfg = chatts_config(a.release) if not a.model else json.load(open(os.path.join(a.model, "config.json")))
-    rep = {"ok": ok, "offload": ranks[0].get("offload"), "gpus": a.num_gpus, "wall_s": round(wall_s, 1),
+    rep = {"ok": ok, "offload": ranks[0].get("offload"), "zero_overrides": a.zero, "gpus": a.num_gpus,
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "wall_s": round(wall_s, 1),
            "ranks": ranks, "budget_gib": a.budget_gb}
     if ok:
         seq = ranks[0]["seq_len"]

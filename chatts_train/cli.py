@@ -1,4 +1,4 @@
-"""`chatts-train` command line: train, inspect-data, make-tiny, make-data (more in their own modules)."""
+"""`chatts-train` command line: train, inspect-data, generate, eval, merge, make-tiny, make-data."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,24 @@ def _make_data(args: argparse.Namespace) -> None:
     print(write_datasets(args.out, sizes, args.length, args.seed))
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from .generate import run_generate
+
+    run_generate(args)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluate import run_eval
+
+    run_eval(args)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .merge import merge
+
+    print(f"merged checkpoint written to {merge(args.model, args.adapter, args.out)}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # the dataclass CLI owns all of train's options
@@ -98,6 +116,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--length", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_make_data)
+    from .generate import add_generation_args
+
+    p = sub.add_parser("generate", help="answer questions about series with a model (+ adapter)")
+    add_generation_args(p)
+    p.add_argument("--data", default=None, help="JSONL with input/timeseries (output is kept as reference)")
+    p.add_argument("--prompt", default=None, help="one question with a <ts><ts/> per series (streams the answer)")
+    p.add_argument("--series", default=None, help="for --prompt: JSON list(s) or CSV, one series per column")
+    p.add_argument("--out", default=None, help="write answers as JSONL here (default: stdout)")
+    p.set_defaults(fn=_generate)
+    p = sub.add_parser("eval", help="generate on the held-out split and score it")
+    add_generation_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--dataset_dir", default="data")
+    p.add_argument("--cutoff_len", type=int, default=4096)
+    p.add_argument("--val_size", type=float, required=True, help="as in training (fraction or count)")
+    p.add_argument("--seed", type=int, default=42, help="as in training")
+    p.add_argument("--out", default="runs/eval")
+    p.set_defaults(fn=_eval)
+    p = sub.add_parser("merge", help="fold an adapter into the base and write a ChatTS checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_merge)
     args = parser.parse_args(argv)
     _guard(args.fn, args)
 

@@ -1,7 +1,7 @@
 """Batching: pad token sequences and pack every encoder row of the batch into one flat tensor.
 
-The model runs the encoder once per step over all rows and scatters the result to `ts_index`, the flat
-positions of the `<ts>` tokens in the [batch * seq] grid (row-major, so they match the row order).
+The model runs the encoder once per step over all rows and writes row k to the k-th `<ts>` token of the
+[batch, seq] grid in row-major order, which is the order the rows are concatenated in here.
 """
 from __future__ import annotations
 
@@ -26,17 +26,15 @@ def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict
         attention_mask[b, cols] = 1
         if has_labels:
             labels[b, cols] = s.labels
-    # Padding is pad_id, never TS_TOKEN_ID, so only real `<ts>` positions are picked up here.
-    ts_index = torch.nonzero(input_ids.view(-1) == TS_TOKEN_ID).flatten()
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "ts_patches": torch.cat([s.ts_patches for s in samples]),
         "ts_positions": torch.cat([s.ts_positions for s in samples]),
-        "ts_index": ts_index,
     }
-    if len(ts_index) != len(out["ts_patches"]):
-        raise ValueError(f"{len(ts_index)} `<ts>` positions for {len(out['ts_patches'])} encoder rows")
+    n_ts = int((input_ids == TS_TOKEN_ID).sum())  # padding is pad_id, never `<ts>`
+    if n_ts != len(out["ts_patches"]):
+        raise ValueError(f"{n_ts} `<ts>` positions for {len(out['ts_patches'])} encoder rows")
     if has_labels:
         out["labels"] = labels
     return out

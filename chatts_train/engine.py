@@ -123,7 +123,7 @@ def add_lora(model: ChatTSForCausalLM, cfg: TrainConfig, gradient_checkpointing:
     targets = "|".join(cfg.lora_target_list)
     pattern = rf"^model\.layers\.\d+\..*\.({targets})$"
     if cfg.lora_encoder:
-        pattern += r"|^ts_encoder\.mlp\.\d+$"
+        pattern += r"|^ts_encoder\.mlp\.\d*[02468]$"  # the Linear layers; odd indices are GELU
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=pattern, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)

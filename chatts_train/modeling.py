@@ -5,9 +5,9 @@ transformers >= 4.56 generation). State-dict keys are exactly the published ones
 `ts_encoder.mlp.{0,2,4,6,8}.*`, `ts_encoder.position_embedding.weight`), so the official weights load
 and adapters trained here fit the official model.
 
-Time series arrive already cut into encoder rows by the collator (`ts_patches`, `ts_positions`) together
-with the flat index into the [batch * seq] token grid each row goes to (`ts_index`). The sequence already
-holds one `<ts>` token per row, so the true length is known before the forward and labels line up.
+Time series arrive already cut into encoder rows by the collator (`ts_patches`, `ts_positions`: all rows
+of the batch in one flat tensor). The sequence already holds one `<ts>` token per row, so the true length
+is known before the forward and labels line up; the k-th row goes to the k-th `<ts>` in row-major order.
 """
 from __future__ import annotations
 
@@ -99,21 +99,36 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         self.post_init()
 
     def embed(self, input_ids: torch.Tensor, ts_patches: Optional[torch.Tensor] = None,
-              ts_positions: Optional[torch.Tensor] = None, ts_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings with every `<ts>` position overwritten by its encoder row.
+              ts_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with every `<ts>` position overwritten by its encoder row, in order.
 
         The encoder runs on every call, also with zero rows: under ZeRO-3 every rank must run the same
-        modules each step or the parameter all-gathers deadlock.
+        modules each step or the parameter all-gathers deadlock. Without rows (a decoding step) no position
+        is overwritten, even if the model itself generated a `<ts>` token.
         """
         embeds = self.model.embed_tokens(input_ids)
         spec = self.config.ts_spec
         if ts_patches is None:
             ts_patches = embeds.new_zeros(0, spec.patch_size)
             ts_positions = torch.zeros(0, spec.patch_size, dtype=torch.long, device=embeds.device)
-            ts_index = torch.zeros(0, dtype=torch.long, device=embeds.device)
         feats = self.ts_encoder(ts_patches.to(embeds.dtype), ts_positions)
-        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, ts_index, feats.to(embeds.dtype))
+        where = torch.zeros(0, dtype=torch.long, device=embeds.device)
+        if len(feats):
+            where = torch.nonzero(input_ids.reshape(-1) == self.config.ts_token_start_index).flatten()
+            if len(where) != len(feats):
+                raise ValueError(f"{len(where)} `<ts>` positions for {len(feats)} encoder rows: build inputs "
+                                 f"with ChatTSProcessor, which writes one `<ts>` per patch")
+        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, where, feats.to(embeds.dtype))
         return flat.view_as(embeds)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """Series go in with the prompt only; cached decoding steps see just the new token."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache_position = inputs.get("cache_position")
+        if inputs.get("past_key_values") is not None and cache_position is not None and int(cache_position[0]) > 0:
+            inputs.pop("ts_patches", None)
+            inputs.pop("ts_positions", None)
+        return inputs
 
     def forward(
         self,
@@ -128,11 +143,10 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         logits_to_keep: int | torch.Tensor = 0,
         ts_patches: Optional[torch.Tensor] = None,
         ts_positions: Optional[torch.Tensor] = None,
-        ts_index: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> ChatTSOutput:
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, ts_patches, ts_positions, ts_index)
+            inputs_embeds = self.embed(input_ids, ts_patches, ts_positions)
         if labels is not None:
             # No KV cache in training: it costs memory, and with one transformers cannot see that restarting
             # position_ids mean packed samples (it then would not keep attention inside each sample).

@@ -164,3 +164,21 @@ def test_checkpoint_round_trip_and_errors(tiny, tmp_path):
         load_model(str(bad))
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(str(tmp_path / "nowhere"))
+
+
+def test_lora_targets_and_encoder_options(tiny):
+    from chatts_train.config import TrainConfig
+    from chatts_train.engine import add_lora
+
+    def lora_modules(**kw):
+        model = add_lora(load_model(tiny["0801"], dtype=torch.float32), TrainConfig(**kw), gradient_checkpointing=False)
+        names = {n.split(".lora_A")[0].removeprefix("base_model.model.") for n, _ in model.named_parameters() if ".lora_A" in n}
+        return model, names
+
+    _, names = lora_modules()
+    assert names == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj")}
+    _, names = lora_modules(lora_encoder=True, lora_targets="o_proj")
+    assert names == {f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)} | {f"ts_encoder.mlp.{k}" for k in (0, 2, 4, 6, 8)}
+    model, _ = lora_modules(train_encoder=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable and all(".ts_encoder." in n for n in trainable)

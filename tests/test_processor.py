@@ -45,8 +45,7 @@ def test_each_placeholder_becomes_ceil_l_over_patch_positions(processors, length
     batch = proc(text=["see <ts><ts/> here"], timeseries=[x])
     ids = batch["input_ids"][0]
     assert int((ids == TS_TOKEN_ID).sum()) == n == math.ceil(length / proc.spec.patch_size)
-    assert batch["ts_patches"].shape == (n, proc.spec.patch_size)
-    assert batch["ts_index"].tolist() == torch.nonzero(ids == TS_TOKEN_ID).flatten().tolist()
+    assert batch["ts_patches"].shape == (n, proc.spec.patch_size) == batch["ts_positions"].shape
 
 
 def test_expand_rejects_broken_placeholders():
@@ -68,19 +67,18 @@ def test_mixed_batch_positions_labels_and_masks(processors):
     b = collate(samples, pad_id=proc.tokenizer.pad_token_id)
     assert b["input_ids"].shape == (3, max(len(s) for s in samples))
     assert b["attention_mask"].sum(1).tolist() == [len(s) for s in samples]
-    assert len(b["ts_patches"]) == 0 + (3 + 1) + 13 == len(b["ts_index"])
-    width = b["input_ids"].shape[1]
-    rows_of = (b["ts_index"] // width).tolist()
-    assert rows_of == [1] * 4 + [2] * 13
+    assert len(b["ts_patches"]) == 0 + (3 + 1) + 13
+    assert (b["input_ids"] == TS_TOKEN_ID).sum(1).tolist() == [0, 4, 13]
     for i, s in enumerate(samples):
         labelled = b["labels"][i][b["labels"][i] != IGNORE_INDEX]
         answer = proc.tokenizer(["ok<|im_end|>\n", "two<|im_end|>\n", "one series<|im_end|>\n"][i],
                                 add_special_tokens=False)["input_ids"]
         assert labelled.tolist() == answer  # labels only on the answer and its <|im_end|>\n
         assert not (b["labels"][i][b["input_ids"][i] == TS_TOKEN_ID] != IGNORE_INDEX).any()
-    # left padding (generation) moves the rows with the tokens
+    # left padding (generation) keeps each sample's `<ts>` run, only shifted
     left = collate(samples, pad_id=proc.tokenizer.pad_token_id, padding_side="left")
-    assert torch.equal(left["input_ids"].view(-1)[left["ts_index"]], torch.full((17,), TS_TOKEN_ID))
+    assert (left["input_ids"] == TS_TOKEN_ID).sum(1).tolist() == [0, 4, 13]
+    assert left["attention_mask"][:, -1].tolist() == [1, 1, 1]
 
 
 def test_chat_template_is_chatts(processors):
