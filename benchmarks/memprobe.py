@@ -318,8 +318,10 @@ def main(argv=None) -> None:
     a = parse(argv)
     if a.worker is not None:
         return worker(a)
+    report_to, sys.stdout = sys.stdout, sys.stderr  # library logs (DeepSpeed prints to stdout) stay off the report
     rep = run_probe(a)
     rep["config_written"] = write_config(a, rep)
+    sys.stdout = report_to
     if a.json:
         print(json.dumps(rep, indent=2))
         return

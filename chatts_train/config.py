@@ -50,6 +50,7 @@ class TrainConfig:
     plot: bool = True  # PNG of the curves at the end (needs matplotlib)
     tensorboard: bool = True  # when tensorboard is installed
     eval_at_end: bool = False  # generate on the held-out split and score it (needs val_size)
+    eval_max_new_tokens: int = 128
 
     @property
     def lora_target_list(self) -> list[str]:

@@ -69,7 +69,7 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         groups[r["dataset"]].append(r)
         groups["all"].append(r)
     out = {}
-    for name, rs in groups.items():
+    for name, rs in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
         nums = [r["numeric"] for r in rs if r["numeric"] is not None]
         out[name] = {"samples": len(rs), "exact": round(float(np.mean([r["exact"] for r in rs])), 3),
                      "keyword": round(float(np.mean([r["keyword"] for r in rs])), 3),
@@ -85,12 +85,10 @@ def format_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def held_out(data: str, dataset_dir: str, processor, cutoff_len: int, val_size: float, seed: int) -> list[dict]:
-    """The eval split exactly as training made it (same data, cutoff, val_size and seed)."""
-    index = index_data(resolve_sources(data, dataset_dir), processor, cutoff_len)
-    _, val_ids = split(index, val_size, seed)
+def read_samples(index, ids) -> list[dict]:
+    """The indexed samples `ids` as dicts (dataset, line, input, output, timeseries), read from disk."""
     samples = []
-    for i in val_ids:
+    for i in ids:
         src = index.sources[index.source[i]]
         with open(src.path, "rb") as f:
             f.seek(int(index.offset[i]))
@@ -101,23 +99,48 @@ def held_out(data: str, dataset_dir: str, processor, cutoff_len: int, val_size: 
     return samples
 
 
-def run_eval(a: argparse.Namespace) -> dict:
-    model, processor, device = load_for_inference(a.model, a.adapter, a.device)
-    samples = held_out(a.data, a.dataset_dir, processor, a.cutoff_len, a.val_size, a.seed)
+def evaluate_samples(model, processor, samples: list[dict], device, batch_size: int = 8, max_new_tokens: int = 256,
+                     rank: int = 0, world: int = 1) -> list[dict]:
+    """Generate and score. With world > 1 (the end of a ZeRO-3 run) every rank answers its share with
+    `synced_gpus`, in the same number of batches, and rank 0 gets all rows (the others get [])."""
+    mine = list(range(rank, len(samples), world))
+    per_rank = -(-len(samples) // world)
+    mine += [mine[0] if mine else 0] * (per_rank - len(mine))  # equal work on every rank; extras dropped below
     rows = []
-    for i in tqdm(range(0, len(samples), a.batch_size), desc="eval"):
-        chunk = samples[i:i + a.batch_size]
-        answers = generate(model, processor, [(s["input"], s["timeseries"]) for s in chunk], device,
-                           max_new_tokens=a.max_new_tokens)
-        for s, pred in zip(chunk, answers):
-            rows.append({"dataset": s["dataset"], "line": s["line"], "input": s["input"], "reference": s["output"],
-                         "prediction": pred, **score(pred, s["output"])})
+    for i in tqdm(range(0, len(mine), batch_size), desc="eval", disable=rank != 0):
+        chunk = mine[i:i + batch_size]
+        answers = generate(model, processor, [(samples[j]["input"], samples[j]["timeseries"]) for j in chunk], device,
+                           max_new_tokens=max_new_tokens, synced_gpus=world > 1)
+        for j, pred in zip(chunk, answers):
+            s = samples[j]
+            rows.append({"index": j, "dataset": s["dataset"], "line": s["line"], "input": s["input"],
+                         "reference": s["output"], "prediction": pred, **score(pred, s["output"])})
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part] if rank == 0 else []
+    unique = {r["index"]: r for r in rows}
+    return [unique[k] for k in sorted(unique)]
+
+
+def write_report(rows: list[dict], out_dir: str) -> dict:
     summary = summarise(rows)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "eval_samples.jsonl"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval_samples.jsonl"), "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with open(os.path.join(a.out, "eval_summary.json"), "w") as f:
+    with open(os.path.join(out_dir, "eval_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(format_table(summary))
-    print(f"per-sample results in {os.path.join(a.out, 'eval_samples.jsonl')}")
+    print(f"per-sample results in {os.path.join(out_dir, 'eval_samples.jsonl')}")
     return summary
+
+
+def run_eval(a: argparse.Namespace) -> dict:
+    """The eval split exactly as training made it (same data, cutoff, val_size and seed)."""
+    model, processor, device = load_for_inference(a.model, a.adapter, a.device)
+    index = index_data(resolve_sources(a.data, a.dataset_dir), processor, a.cutoff_len)
+    _, val_ids = split(index, a.val_size, a.seed)
+    rows = evaluate_samples(model, processor, read_samples(index, val_ids), device, a.batch_size, a.max_new_tokens)
+    return write_report(rows, a.out)

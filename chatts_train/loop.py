@@ -28,6 +28,7 @@ from .config import TrainConfig, parse_config
 from .data import DataIndex, SampleReader, describe, epoch_order, index_data, resolve_sources, split
 from .engine import add_lora, build_engine, build_model, load_ds_config, loss_scale, precision
 from .errors import TrainingError
+from .evaluate import evaluate_samples, read_samples, write_report
 from .metrics import MetricsLog, format_summary, gather_floats, memory_snapshot, plot, summarise
 from .processor import ChatTSProcessor
 
@@ -225,6 +226,12 @@ def train(cfg: TrainConfig) -> dict:
     save_adapter(engine.module, os.path.join(cfg.output_dir, "adapter"))
     save_resume(engine, ckpt_root, total_steps, cfg.keep_checkpoints)
     log.close()
+    if cfg.eval_at_end and len(val_ids):
+        engine.eval()
+        rows = evaluate_samples(engine.module, processor, read_samples(index, val_ids), device,
+                                max_new_tokens=cfg.eval_max_new_tokens, rank=rank, world=world)
+        if rank == 0:
+            write_report(rows, os.path.join(cfg.output_dir, "eval"))
     summary = summarise(log.rows, time.time() - t_start, samples_seen, first_step_s)
     if rank == 0:
         summary["adapter"] = os.path.join(cfg.output_dir, "adapter")

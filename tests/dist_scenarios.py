@@ -150,7 +150,8 @@ def learns_from_series():
     out_dir = os.path.join(OUT, "learn")
     train(base_cfg(data=os.path.join(OUT, "learn.jsonl"), ds_config=ds, output_dir=out_dir, val_size=32,
                    micro_batch=4, grad_accum=1, num_epochs=6, learning_rate=1e-2, encoder_lr=3e-3,
-                   train_encoder=True, lora_encoder=False, save_steps=0, seed=1))
+                   train_encoder=True, lora_encoder=False, save_steps=0, seed=1, eval_at_end=True,
+                   eval_max_new_tokens=4))
     res = {}
     if dist.get_rank() == 0:
         from chatts_train.data import index_data, resolve_sources, split, SampleReader  # noqa: F401
@@ -178,7 +179,8 @@ def learns_from_series():
                    "shuffled": accuracy(lambda k: val[perm[k]]["timeseries"]),
                    "shuffled_label_agreement": float(np.mean([val[k]["output"] == val[perm[k]]["output"]
                                                               for k in range(len(val))])),
-                   "rows": rows(out_dir)}
+                   "rows": rows(out_dir),
+                   "eval_at_end": json.load(open(os.path.join(out_dir, "eval", "eval_summary.json")))}
     dist.barrier()
     return res
 

@@ -73,6 +73,8 @@ def test_model_learns_from_the_series(results):
     assert r["accuracy"] >= 0.8, r  # chance is 0.5
     # with the series shuffled between samples the answers follow the wrong series
     assert r["shuffled"] <= 0.7 and r["shuffled"] <= r["accuracy"] - 0.2, r
+    # --eval_at_end generated on the 32 held-out samples under ZeRO-3 (synced over both ranks) and scored them
+    assert r["eval_at_end"]["all"]["samples"] == 32
 
 
 def test_fp16_dynamic_loss_scaling_is_active(results):

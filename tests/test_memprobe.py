@@ -1,0 +1,61 @@
+"""The memory probe's report, verdict and config writing (a real 2-process run on the tiny model on CPU)."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import memprobe  # noqa: E402
+
+
+def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, tmp_path):
+    out = tmp_path / "ds_no_offload.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), "--model", tiny["0801"],
+                        "--no-offload", "--seq-len", "300", "--grad-accum", "2", "--steps", "1", "--json",
+                        "--write-config", str(out)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "MASTER_PORT": "29622", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["ok"] and rep["seq_len"] == 300 and rep["offload"] == "none"
+    assert [x["micro_steps"] for x in rep["ranks"]] == [2, 2] and all(x["optimizer_steps"] == 1 for x in rep["ranks"])
+    assert rep["tokens_per_s_per_gpu"] > 0 and rep["estimated_job_h"] > 0
+    assert rep["verdict"].startswith("offload can go")
+    written = json.loads(out.read_text())
+    assert "offload_param" not in written["zero_optimization"] and "offload_optimizer" not in written["zero_optimization"]
+    assert written["_memprobe"]["verdict"] == rep["verdict"]
+
+
+def _args(tmp_path, **kw):
+    base = dict(release="0801", model=None, budget_gb=20.0, card=None, samples=421, epochs=3.0, num_gpus=2,
+                gpu_mem_gb=22.0, zero=[], write_config=str(tmp_path / "out.json"),
+                ds_config=os.path.join(ROOT, "ds_config.json"))
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _rank(r, **kw):
+    base = dict(rank=r, ok=True, offload="none", gpu="NVIDIA H100 80GB HBM3", seq_len=4096, micro_step_s=1.0,
+                first_step_done_s=30.0, device_peak_gib=17.0, peak_allocated_gib=15.0, peak_reserved_gib=16.0,
+                alloc_retries=0, host_peak_gib=3.0, micro_steps=8)
+    return {**base, **kw}
+
+
+def test_verdicts_and_config(tmp_path):
+    a = _args(tmp_path)
+    fits = memprobe.summarise(a, [_rank(0), _rank(1)], 60)
+    assert fits["verdict"].startswith("offload can go") and fits["card"] == "H100"
+    assert 0 < fits["mfu"] < fits["hfu"] < 1
+    assert fits["estimated_job_h"] == round(421 * 3 / 2 * 1.0 / 3600, 2)
+    memprobe.write_config(a, fits)
+    assert "offload_param" not in json.load(open(a.write_config))["zero_optimization"]
+
+    over = memprobe.summarise(a, [_rank(0), _rank(1, device_peak_gib=21.5)], 60)
+    assert over["verdict"].startswith("keep offload") and "21.5" in over["verdict"]
+    memprobe.write_config(a, over)
+    assert "offload_param" in json.load(open(a.write_config))["zero_optimization"]  # the users' config kept
+
+    oom = memprobe.summarise(a, [{"rank": 0, "ok": False, "oom": True, "micro_steps": 1, "offload": "none"},
+                                 {"rank": 1, "ok": False, "error": "no result"}], 60)
+    assert oom["verdict"].startswith("does NOT fit: out of memory after 0 micro-steps")
+    assert "shorter --cutoff_len" in oom["verdict"]
