@@ -2,7 +2,7 @@
 # The training loop for real on a 2-GPU machine (fp16, ZeRO-3, with and without parameter offload), on the
 # tiny model and on a 1.5 B ChatTS shape at up to 4096 tokens, plus the fp16 loss-scaling scenario on GPU.
 # Results: $OUT/loop_results.jsonl (one JSON per run) and $OUT/loop_log.txt.
-#   bash benchmarks/gpu_loop_runs.sh            (on the GPU machine, wheels installed, PYTHONPATH set)
+#   [RUNS="name ..."] bash benchmarks/gpu_loop_runs.sh   (on the GPU machine, wheels installed, PYTHONPATH set)
 set -uo pipefail
 OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; W=/tmp/chatts-gpu; mkdir -p $W
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/loop_log.txt"; }
@@ -39,15 +39,26 @@ name, rc, d, wall, args = sys.argv[1:]
 rows = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] if os.path.exists(os.path.join(d, "metrics.jsonl")) else []
 summ = json.load(open(os.path.join(d, "summary.json"))) if os.path.exists(os.path.join(d, "summary.json")) else None
 print(json.dumps({"run": name, "rc": int(rc), "launch_wall_s": int(wall), "args": args, "summary": summ,
+                  "samples_per_s": round(summ["samples"] / sum(r["step_time_s"] for r in rows), 3) if summ and rows else None,
                   "rows": [{k: r[k] for k in ("step", "loss", "loss_scale", "skipped", "grad_norm", "tokens_per_s_per_gpu", "step_time_s", "peak_allocated_gib", "peak_reserved_gib")} for r in rows]}))
 PY
   tail -3 "$W/$name.log" | tee -a "$OUT/loop_log.txt"
 }
 
-run_loop tiny_no_offload /tmp/chatts-gpu/tiny /tmp/chatts-gpu/data --offload none --max_steps 6 --learning_rate 5e-3
-run_loop tiny_param_offload /tmp/chatts-gpu/tiny /tmp/chatts-gpu/data --offload param --max_steps 6 --learning_rate 5e-3
-run_loop mid_no_offload /tmp/chatts-gpu/mid /tmp/chatts-gpu/data_long --offload none --max_steps 3 --cutoff_len 4096
-run_loop mid_param_offload /tmp/chatts-gpu/mid /tmp/chatts-gpu/data_long --offload param --max_steps 3 --cutoff_len 4096
+declare -A R=(
+  [tiny_no_offload]="/tmp/chatts-gpu/tiny /tmp/chatts-gpu/data --offload none --max_steps 6 --learning_rate 5e-3"
+  [tiny_param_offload]="/tmp/chatts-gpu/tiny /tmp/chatts-gpu/data --offload param --max_steps 6 --learning_rate 5e-3"
+  [mid_no_offload]="/tmp/chatts-gpu/mid /tmp/chatts-gpu/data_long --offload none --max_steps 3 --cutoff_len 4096"
+  [mid_param_offload]="/tmp/chatts-gpu/mid /tmp/chatts-gpu/data_long --offload param --max_steps 3 --cutoff_len 4096"
+  # the users' lengths (5000-point series, ~700-2,150 positions a sample), one by one vs packed to 4096
+  [mid_users_unpacked]="/tmp/chatts-gpu/mid /tmp/chatts-gpu/data --offload none --max_steps 3 --cutoff_len 4096"
+  [mid_users_packed]="/tmp/chatts-gpu/mid /tmp/chatts-gpu/data --offload none --max_steps 3 --cutoff_len 4096 --packing"
+)
+for name in ${RUNS:-tiny_no_offload tiny_param_offload mid_no_offload mid_param_offload fp16_scenario}; do
+  [ "$name" = fp16_scenario ] && continue
+  run_loop "$name" ${R[$name]}
+done
+[[ " ${RUNS:-fp16_scenario} " == *" fp16_scenario "* ]] || { log "done"; exit 0; }
 
 log "fp16 loss-scaling scenario on GPU (tests/dist_scenarios.py fp16_loss_scaling)"
 python3 -c "from chatts_train.standins.synthetic import write_series_task; write_series_task('$W/task.jsonl', 48, 120, 0)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Memory/speed probes of the ChatTS-14B-0801 shape on 2 GPUs, each process capped to 22 GiB (a 2080 Ti 22 GB).
+# Memory/speed probes of the ChatTS-14B-0801 shape on 2 GPUs, each process capped to 22 GiB (a 2080 Ti 22 GB)
+# unless the variant says NOCAP.
 # One JSON report per line in $OUT/probes.jsonl; stderr of each probe in $OUT/probes.log.
 #   bash benchmarks/gpu_probe_runs.sh [variant ...]     (on the GPU machine, wheels installed, PYTHONPATH set)
 set -uo pipefail
@@ -14,13 +15,16 @@ declare -A V=(
   [tuned_param_8192]="--offload param --seq-len 8192 ENV_EXPSEG $KNOBS"
   [single_1432]="--no-offload --seq-len 1432 ENV_EXPSEG $KNOBS"
   [pack_1432x2_1200]="--no-offload --pack 1432,1432,1200 ENV_EXPSEG $KNOBS"
+  [nocap_4096]="--no-offload --seq-len 4096 ENV_EXPSEG $KNOBS NOCAP"
 )
 for name in "$@"; do
   args=${V[$name]}
   env_prefix=()
   if [[ $args == *ENV_EXPSEG* ]]; then env_prefix=(env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); args=${args/ENV_EXPSEG/}; fi
-  echo "== $name: python3 benchmarks/memprobe.py $args --gpu-mem-gb 22 --json  ($(date +%T))" | tee -a "$OUT/probes.log"
-  "${env_prefix[@]}" timeout 300 python3 benchmarks/memprobe.py $args --gpu-mem-gb 22 --json > "$OUT/probe.tmp" 2>> "$OUT/probes.log"
+  cap="--gpu-mem-gb 22"
+  if [[ $args == *NOCAP* ]]; then cap=""; args=${args/NOCAP/}; fi
+  echo "== $name: python3 benchmarks/memprobe.py $args $cap --json  ($(date +%T))" | tee -a "$OUT/probes.log"
+  "${env_prefix[@]}" timeout 300 python3 benchmarks/memprobe.py $args $cap --json > "$OUT/probe.tmp" 2>> "$OUT/probes.log"
   python3 - "$name" "$args" "${env_prefix[*]}" <<'PY' >> "$OUT/probes.jsonl"
 import json, sys
 name, args, env = sys.argv[1:]

@@ -10,12 +10,13 @@ from .engine import add_lora, build_engine, build_model, load_ds_config
 from .errors import ChatTSTrainError, CheckpointError, DataError, TrainingError
 from .modeling import ChatTSConfig, ChatTSForCausalLM, load_model
 from .processor import ChatTSProcessor
-from .loop import index_on_rank0, micro_step, step_samples, train
+from .loop import index_on_rank0, micro_step, train
+from .schedule import Schedule, pack_plan
 
 __all__ = [
     "ChatTSConfig", "ChatTSForCausalLM", "ChatTSProcessor", "ChatTSTrainError", "CheckpointError", "DataError",
-    "DataIndex", "SampleReader", "TrainConfig", "TrainingError", "add_lora", "build_engine", "build_model",
+    "DataIndex", "SampleReader", "Schedule", "TrainConfig", "TrainingError", "add_lora", "build_engine", "build_model",
     "collate", "epoch_order", "index_data", "index_on_rank0", "load_ds_config", "load_model", "load_resume",
-    "micro_step", "pack", "parse_config", "resolve_sources", "save_adapter", "save_resume", "split",
-    "step_samples", "train", "trainable_state_dict",
+    "micro_step", "pack", "pack_plan", "parse_config", "resolve_sources", "save_adapter", "save_resume", "split",
+    "train", "trainable_state_dict",
 ]

@@ -35,6 +35,7 @@ class TrainConfig:
     num_epochs: float = 3.0
     max_steps: int = 0  # optimizer steps; > 0 overrides num_epochs
     micro_batch: Optional[int] = None  # overrides train_micro_batch_size_per_gpu
+    packing: bool = False  # join consecutive samples into one row up to cutoff_len (attention stays per sample)
     grad_accum: Optional[int] = None  # overrides gradient_accumulation_steps
     fp16: Optional[bool] = None  # overrides fp16.enabled (the CPU demo runs fp32)
     offload: Optional[str] = None  # none | param | optimizer | all; overrides the DeepSpeed config

@@ -23,14 +23,15 @@ from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from .checkpoint import load_resume, save_adapter, save_resume
-from .collate import collate
+from .collate import collate, pack
 from .config import TrainConfig, parse_config
-from .data import DataIndex, SampleReader, describe, epoch_order, index_data, resolve_sources, split
+from .data import DataIndex, SampleReader, describe, index_data, resolve_sources, split
 from .engine import add_lora, build_engine, build_model, load_ds_config, loss_scale, precision
 from .errors import TrainingError
 from .evaluate import evaluate_samples, read_samples, write_report
 from .metrics import MetricsLog, format_summary, gather_floats, memory_snapshot, plot, summarise
 from .processor import ChatTSProcessor
+from .schedule import Schedule
 
 
 def rank0_print(*args) -> None:
@@ -51,18 +52,6 @@ def index_on_rank0(cfg: TrainConfig, processor: ChatTSProcessor) -> DataIndex:
     if isinstance(payload[0], Exception):
         raise payload[0]
     return payload[0]
-
-
-def step_samples(order: np.ndarray, step_in_epoch: int, micro_batch: int, world: int, grad_accum: int,
-                 rank: int) -> list[np.ndarray]:
-    """This rank's micro-batches for one optimizer step. `order` is the epoch's sample order, wrapped so
-    every step is full (as torch's DistributedSampler pads), so all ranks run the same number of steps."""
-    per_step = micro_batch * world * grad_accum
-    need = (step_in_epoch + 1) * per_step
-    if len(order) < need:
-        order = np.resize(order, need)
-    block = order[step_in_epoch * per_step: need]
-    return [block[(m * world + rank) * micro_batch:(m * world + rank + 1) * micro_batch] for m in range(grad_accum)]
 
 
 def micro_step(engine, batch: dict, token_scale: float) -> tuple[float, int]:
@@ -118,16 +107,21 @@ def train(cfg: TrainConfig) -> dict:
     processor = ChatTSProcessor.from_pretrained(cfg.model_path)
     index = index_on_rank0(cfg, processor)
     train_ids, val_ids = split(index, cfg.val_size, cfg.seed)
-    steps_per_epoch = math.ceil(len(train_ids) / (mb * world * ga))
-    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
+    if cfg.packing and mb != 1:
+        raise TrainingError(f"--packing joins samples into one row per micro-step: set the micro-batch to 1 (got {mb})")
+    schedule = Schedule(index, train_ids, cfg.seed, mb, world, ga, pack_to=cfg.cutoff_len if cfg.packing else 0)
+    total_steps = schedule.total_steps(cfg.num_epochs, cfg.max_steps)
+    micro_batches_per_epoch = len(schedule.epoch_plan(0))
     for d in describe(index):
         rank0_print(f"[data] {d['dataset']}: kept {d['kept']}, dropped {d['dropped'] or 'none'}, "
                     f"seq_len {d['seq_len']}, answer tokens {d['answer_tokens']}")
     if index.problems:
         rank0_print(f"[data] skipped {len(index.problems)} bad samples, e.g. {index.problems[0]} "
                     f"(--strict_data to stop instead)")
-    rank0_print(f"[data] {len(train_ids)} train / {len(val_ids)} eval samples; {steps_per_epoch} optimizer steps "
-                f"per epoch of {mb} x {ga} x {world} samples; {total_steps} steps in all")
+    rank0_print(f"[data] {len(train_ids)} train / {len(val_ids)} eval samples in {micro_batches_per_epoch} micro-batches"
+                f"{' packed up to ' + str(cfg.cutoff_len) + ' positions' if cfg.packing else ''}; "
+                f"{schedule.steps_in_epoch(0)} optimizer steps per epoch of {ga} x {world} micro-batches; "
+                f"{total_steps} steps in all")
 
     model, hf_ds = build_model(cfg.model_path, ds, cfg.attn_implementation)
     model = add_lora(model, cfg, cfg.gradient_checkpointing)
@@ -152,15 +146,14 @@ def train(cfg: TrainConfig) -> dict:
     pad_id = processor.tokenizer.pad_token_id
     log = MetricsLog(cfg.output_dir, rank == 0, cfg.tensorboard, resume=cfg.resume)
     stop = StopRequest()
+    batch_of = pack if cfg.packing else collate
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, dynamic_ncols=True, desc="train")
     bad_steps, first_step_s, samples_seen = 0, None, 0
 
     # ---- iterate ------------------------------------------------------------------------------------
     for step in range(start_step, total_steps):
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(index, train_ids, cfg.seed, epoch)
-        plan = step_samples(order, in_epoch, mb, world, ga, rank)
-        batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in plan]
+        plan = schedule.micro_batches(step, rank)
+        batches = [batch_of([reader[int(i)] for i in ids], pad_id) for ids in plan]
         # Answer tokens of the whole optimizer step, over all ranks: the loss is their mean.
         counts = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in batches))], device=device)
         dist.all_reduce(counts)
@@ -187,19 +180,19 @@ def train(cfg: TrainConfig) -> dict:
                                     f"even unscaled. Saved a checkpoint in {ckpt_root}. Lower the learning rate, "
                                     f"check the data for extreme values, or train in fp32.") from e
             loss_sum += part
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["input_ids"].numel()) if cfg.packing else int(batch["attention_mask"].sum())
         step_time = time.perf_counter() - t0
         first_step_s = first_step_s or (time.time() - t_start)
-        samples_seen += mb * ga * world
 
         # ---- log ------------------------------------------------------------------------------------
         mem = memory_snapshot(device)
-        per_rank = gather_floats([loss_sum, tokens, mem["allocated"], mem["reserved"], mem["active"], mem["host"]],
-                                 device)
+        per_rank = gather_floats([loss_sum, tokens, mem["allocated"], mem["reserved"], mem["active"], mem["host"],
+                                  sum(len(ids) for ids in plan)], device)
+        samples_seen += int(sum(r[6] for r in per_rank))
         loss = sum(r[0] for r in per_rank) / max(counts.item(), 1.0)
         bad_steps = bad_steps + 1 if not math.isfinite(loss) else 0
         row = {
-            "step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "loss": loss, "lr": engine.get_lr()[0],
+            "step": step + 1, "epoch": round(schedule.epoch_progress(step), 3), "loss": loss, "lr": engine.get_lr()[0],
             "loss_scale": loss_scale(engine), "skipped": int(not engine.was_step_applied()),
             "grad_norm": _finite_or_none(engine.get_global_grad_norm()), "tokens": int(sum(r[1] for r in per_rank)),
             "answer_tokens": int(counts.item()), "step_time_s": round(step_time, 4),

@@ -7,7 +7,6 @@ evaluation (held-out answer-token loss) every `--eval_every` optimizer steps.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 import deepspeed
@@ -15,8 +14,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from chatts_train import (SampleReader, TrainConfig, add_lora, build_engine, build_model, collate, epoch_order,
-                          index_on_rank0, load_ds_config, micro_step, save_adapter, split, step_samples)
+from chatts_train import (SampleReader, Schedule, TrainConfig, add_lora, build_engine, build_model, collate,
+                          index_on_rank0, load_ds_config, micro_step, save_adapter, split)
 from chatts_train.config import add_dataclass_args, from_args
 from chatts_train.processor import ChatTSProcessor
 
@@ -53,16 +52,14 @@ def main() -> None:
     processor = ChatTSProcessor.from_pretrained(cfg.model_path)
     index = index_on_rank0(cfg, processor)
     train_ids, val_ids = split(index, cfg.val_size, cfg.seed)
-    steps_per_epoch = math.ceil(len(train_ids) / (mb * world * ga))
-    total = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
+    schedule = Schedule(index, train_ids, cfg.seed, mb, world, ga)
+    total = schedule.total_steps(cfg.num_epochs, cfg.max_steps)
     model, hf_ds = build_model(cfg.model_path, ds, cfg.attn_implementation)
     engine = build_engine(add_lora(model, cfg), ds, cfg, total)
     reader, pad_id = SampleReader(index, processor), processor.tokenizer.pad_token_id
 
     for step in range(total):
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        plan = step_samples(epoch_order(index, train_ids, cfg.seed, epoch), in_epoch, mb, world, ga, rank)
-        batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in plan]
+        batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in schedule.micro_batches(step, rank)]
         tokens = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))], device=device)
         dist.all_reduce(tokens)
         loss = torch.tensor([sum(micro_step(engine, {k: v.to(device) for k, v in b.items()}, ga * world / tokens.item())[0]

@@ -98,6 +98,15 @@ def interrupted_and_resumed():
             "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}
 
 
+def packed():
+    """--packing: several samples per micro-step; the run completes with finite, falling loss."""
+    ds = ds_config(os.path.join(OUT, "ds_fp32.json"))
+    out_dir = os.path.join(OUT, "packed")
+    summary = train(base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=ds, output_dir=out_dir, max_steps=2,
+                             packing=True, cutoff_len=400, grad_accum=2, learning_rate=2e-3))
+    return {"summary": summary, "rows": rows(out_dir)}
+
+
 def eval_losses(model, processor, samples, device) -> list[float]:
     losses = []
     with torch.no_grad():

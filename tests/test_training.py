@@ -10,7 +10,7 @@ from chatts_train.standins.synthetic import write_series_task
 
 from conftest import read_json
 
-SCENARIOS = "interrupted_and_resumed,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling"
+SCENARIOS = "interrupted_and_resumed,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed"
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,10 @@ def test_fp16_dynamic_loss_scaling_is_active(results):
     assert all(math.isfinite(x["loss"]) for x in rows)
     assert "loss scale reached its minimum" in r["min_scale"] and any(c.startswith("step-") for c in r["min_scale_ckpt"])
     assert "NaN/inf for 2 steps in a row" in r["nan"]
+
+
+def test_packed_training_runs_several_samples_per_micro_step(results):
+    r = scenario(results, "packed")
+    # task samples are ~80-90 positions: 4 fit a 400-position pack; 2 micro-steps x 2 ranks per step
+    assert r["summary"]["samples"] >= 2 * 2 * 2 * 3
+    assert all(math.isfinite(x["loss"]) and x["answer_tokens"] >= 4 * 2 * 2 * 3 for x in r["rows"])
