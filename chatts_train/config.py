@@ -46,7 +46,6 @@ class TrainConfig:
     save_steps: int = 50  # adapter + resume checkpoint every N optimizer steps (0: only at the end)
     keep_checkpoints: int = 2  # resume checkpoints kept on disk
     resume: bool = False  # continue from the latest resume checkpoint in output_dir
-    log_steps: int = 1
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss before the run stops
     plot: bool = True  # PNG of the curves at the end (needs matplotlib)
     tensorboard: bool = True  # when tensorboard is installed

@@ -8,7 +8,6 @@ neither sits in RAM nor is parsed twice to start.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -255,7 +254,3 @@ def describe(index: DataIndex) -> Iterator[dict]:
                "series_per_sample": length_stats(index.num_series[rows]),
                "series_length": length_stats(lens), "seq_len": length_stats(index.length[rows]),
                "answer_tokens": length_stats(index.answer_tokens[rows])}
-
-
-def steps_per_epoch(num_samples: int, micro_batch: int, world: int, grad_accum: int) -> int:
-    return math.ceil(num_samples / (micro_batch * world * grad_accum))

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from dataclasses import asdict
-from typing import Iterator, Optional
+from typing import Optional
 
 import deepspeed
 import numpy as np

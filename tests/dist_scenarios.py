@@ -69,7 +69,7 @@ def run(name, fn):
 
 
 def base_cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"model_path": CKPT, "fp16": False, "offload": "none", "save_steps": 2, "log_steps": 1,
+    return TrainConfig(**{"model_path": CKPT, "fp16": False, "offload": "none", "save_steps": 2,
                           "plot": False, "tensorboard": False, "warmup_ratio": 0.0, **kw})
 
 
@@ -92,7 +92,7 @@ def interrupted_and_resumed():
         loop.micro_step = real
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     cut_rows = rows(cut_dir)
-    resumed = train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3, resume=True))
+    train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3, resume=True))
     return {"full_summary": full, "stopped": stopped, "rows_before_resume": len(cut_rows),
             "full": rows(full_dir), "resumed": rows(cut_dir),
             "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}

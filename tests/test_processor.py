@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from chatts_train.modeling import IGNORE_INDEX, TS_TOKEN_ID
 from chatts_train.processor import chat_prompt, expand_placeholders
