@@ -31,6 +31,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--offload", choices=["none", "param", "optimizer", "all"], default=None,
                    help="default: what --ds-config says")
     p.add_argument("--seq-len", type=int, default=4096, help="the worst-case sequence (the cutoff)")
+    p.add_argument("--data", default=None,
+                   help="datasets (as for training): probe their longest sample and estimate the job from their size")
+    p.add_argument("--dataset-dir", default="data")
+    p.add_argument("--tokenizer", default=None, help="checkpoint folder for tokenizer + ts config (default --model)")
+    p.add_argument("--cutoff-len", type=int, default=4096, help="with --data: samples over it are dropped, as in training")
     p.add_argument("--pack", type=str, default="",
                    help="comma-separated sample lengths packed into one micro-step (e.g. 1432,1432), instead of --seq-len")
     p.add_argument("--num-gpus", type=int, default=2)
@@ -223,14 +228,28 @@ def flops_per_micro_step(cfg: dict, seq_len: int) -> tuple[float, float]:
     return model, model + 2 * linear * seq_len + attn_fwd
 
 
+def size_from_data(a: argparse.Namespace) -> None:
+    """With --data, probe the longest kept sample and count the samples for the job estimate."""
+    from chatts_train.data import index_data, resolve_sources
+    from chatts_train.processor import ChatTSProcessor
+
+    source = a.tokenizer or a.model
+    if not source:
+        raise SystemExit("--data needs --tokenizer (or --model): a ChatTS folder with the tokenizer and ts config")
+    index = index_data(resolve_sources(a.data, a.dataset_dir), ChatTSProcessor.from_pretrained(source), a.cutoff_len)
+    a.seq_len, a.samples = int(index.length.max()), len(index)
+
+
 def run_probe(a: argparse.Namespace) -> dict:
     t0 = time.time()
+    if a.data:
+        size_from_data(a)
     out = tempfile.mkdtemp(prefix="memprobe-")
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29611"),
            "WORLD_SIZE": str(a.num_gpus), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    argv = [x for x in sys.argv[1:] if x != "--json"]
+    argv = [x for x in sys.argv[1:] if x != "--json"] + ["--seq-len", str(a.seq_len)]
     procs = []
     for r in range(a.num_gpus):
         procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(r), "--out", out,
@@ -271,7 +290,8 @@ def summarise(a, ranks: list[dict], wall_s: float) -> dict:
                    peak_reserved_gib=round(max(r["peak_reserved_gib"] for r in ranks), 2),
                    alloc_retries=max(r["alloc_retries"] for r in ranks),
                    host_peak_gib=round(max(r["host_peak_gib"] for r in ranks), 1),
-                   estimated_job_h=round(a.samples * a.epochs / a.num_gpus * step / 3600, 2))
+                   # an upper bound: every sample costs a micro-step at the probed (worst-case) length
+                   estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))
         if card:
             rep["card"] = card
             rep["mfu"] = round(model_flops / step / (PEAK_TFLOPS[card] * 1e12), 3)
@@ -326,7 +346,7 @@ def main(argv=None) -> None:
         print(json.dumps(rep, indent=2))
         return
     keys = ["seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
-            "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_peak_gib", "estimated_job_h"]
+            "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_peak_gib", "estimated_job_s"]
     print(f"\nmemprobe: {a.num_gpus} GPU(s), offload {rep['offload']}, cap {a.gpu_mem_gb} GiB")
     for k in keys:
         if k in rep:

@@ -78,7 +78,19 @@ def interrupted_and_resumed():
     data = os.path.join(OUT, "task.jsonl")
     ds = ds_config(os.path.join(OUT, "ds_fp32.json"))
     full_dir, cut_dir = os.path.join(OUT, "full"), os.path.join(OUT, "cut")
-    full = train(base_cfg(data=data, ds_config=ds, output_dir=full_dir, max_steps=5, learning_rate=2e-3))
+    engines = []
+
+    def count(n, real, engine, batch, scale):
+        engines[:] = [engine]
+        return real(engine, batch, scale)
+
+    real = wrap_micro_step(count)
+    calls = {}
+    try:
+        full = train(base_cfg(data=data, ds_config=ds, output_dir=full_dir, max_steps=5, learning_rate=2e-3))
+        calls = {"micro_steps": engines[0].micro_steps, "optimizer_steps": engines[0].global_steps}
+    finally:
+        loop.micro_step = real
 
     def sigterm_on_rank0(n, real, engine, batch, scale):
         if n == 2 * 8 + 3 and dist.get_rank() == 0:  # inside optimizer step 3
@@ -93,7 +105,7 @@ def interrupted_and_resumed():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     cut_rows = rows(cut_dir)
     train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3, resume=True))
-    return {"full_summary": full, "stopped": stopped, "rows_before_resume": len(cut_rows),
+    return {"full_summary": full, "engine_counts": calls, "stopped": stopped, "rows_before_resume": len(cut_rows),
             "full": rows(full_dir), "resumed": rows(cut_dir),
             "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}
 

@@ -10,17 +10,20 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import memprobe  # noqa: E402
 
 
-def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, tmp_path):
+def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, processors, tmp_path):
+    from chatts_train.data import index_data, resolve_sources
+
     out = tmp_path / "ds_no_offload.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), "--model", tiny["0801"],
-                        "--no-offload", "--seq-len", "300", "--grad-accum", "2", "--steps", "1", "--json",
-                        "--write-config", str(out)], capture_output=True, text=True, timeout=600,
+                        "--no-offload", "--data", "hbsn", "--dataset-dir", synthetic, "--grad-accum", "2", "--steps",
+                        "1", "--json", "--write-config", str(out)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "MASTER_PORT": "29622", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
-    assert rep["ok"] and rep["seq_len"] == 300 and rep["offload"] == "none"
+    index = index_data(resolve_sources("hbsn", synthetic), processors["0801"], 4096)
+    assert rep["ok"] and rep["seq_len"] == int(index.length.max()) and rep["offload"] == "none"  # the longest sample
     assert [x["micro_steps"] for x in rep["ranks"]] == [2, 2] and all(x["optimizer_steps"] == 1 for x in rep["ranks"])
-    assert rep["tokens_per_s_per_gpu"] > 0 and rep["estimated_job_h"] > 0
+    assert rep["tokens_per_s_per_gpu"] > 0 and rep["estimated_job_s"] > 0
     assert rep["verdict"].startswith("offload can go")
     written = json.loads(out.read_text())
     assert "offload_param" not in written["zero_optimization"] and "offload_optimizer" not in written["zero_optimization"]
@@ -46,7 +49,7 @@ def test_verdicts_and_config(tmp_path):
     fits = memprobe.summarise(a, [_rank(0), _rank(1)], 60)
     assert fits["verdict"].startswith("offload can go") and fits["card"] == "H100"
     assert 0 < fits["mfu"] < fits["hfu"] < 1
-    assert fits["estimated_job_h"] == round(421 * 3 / 2 * 1.0 / 3600, 2)
+    assert fits["estimated_job_s"] == round(421 * 3 / 2 * 1.0)  # samples x epochs / GPUs x micro-step time
     memprobe.write_config(a, fits)
     assert "offload_param" not in json.load(open(a.write_config))["zero_optimization"]
 

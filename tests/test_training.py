@@ -37,6 +37,7 @@ def test_loss_falls_and_steps_are_micro_steps_over_accumulation(results):
     r = scenario(results, "interrupted_and_resumed")
     full = r["full"]
     assert [x["step"] for x in full] == [1, 2, 3, 4, 5]
+    assert r["engine_counts"] == {"micro_steps": 40, "optimizer_steps": 5}  # engine.step() on every micro-step
     # 48 samples, micro-batch 1 x accumulation 8 x 2 ranks = 16 per optimizer step: 3 steps an epoch
     assert full[0]["epoch"] == pytest.approx(1 / 3, abs=1e-3)
     assert full[-1]["loss"] < full[0]["loss"]
