@@ -31,7 +31,7 @@ if [ ! -f "$MODEL_PATH/config.json" ]; then
   [ -f "$DEMO/tiny-chatts/config.json" ] || chatts-train make-tiny --out "$DEMO/tiny-chatts"
   [ -f "$DEMO/data/dataset_info.json" ] || chatts-train make-data --out "$DEMO/data" --scale 0.25
   export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-  exec deepspeed --num_gpus 2 --master_port "$MASTER_PORT" --module chatts_train.loop \
+  exec deepspeed --num_gpus 2 --master_port "$MASTER_PORT" --module chatts_train \
     --model_path "$DEMO/tiny-chatts" --data gdsh,hbsn,whlj,zhlh --dataset_dir "$DEMO/data" \
     --output_dir "$DEMO" --ds_config "$DS_CONFIG" --fp16 false --offload none --num_epochs 2 \
     --val_size 0.1 --save_steps 5 --learning_rate 5e-3 "$@"
@@ -43,5 +43,5 @@ if [ -n "$HOSTFILE" ]; then
 else
   launcher+=(--num_gpus "$NUM_GPUS")
 fi
-exec "${launcher[@]}" --module chatts_train.loop --model_path "$MODEL_PATH" --data "$DATA" \
+exec "${launcher[@]}" --module chatts_train --model_path "$MODEL_PATH" --data "$DATA" \
   --dataset_dir "$DATASET_DIR" --output_dir "$OUTPUT" --ds_config "$DS_CONFIG" "$@"

@@ -91,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if argv[:1] == ["train"]:  # the dataclass CLI owns all of train's options
         from .loop import main as train_main
 
-        return _guard(train_main, argv[1:])
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="chatts-train", description="ChatTS LoRA fine-tuning toolkit")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="run training (see `chatts-train train --help`)")

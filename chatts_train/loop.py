@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict
 from typing import Optional
@@ -22,12 +23,12 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from .checkpoint import load_resume, save_adapter, save_resume
+from .checkpoint import latest_resume, load_resume, save_adapter, save_resume
 from .collate import collate, pack
 from .config import TrainConfig, parse_config
 from .data import DataIndex, SampleReader, describe, index_data, resolve_sources, split
 from .engine import add_lora, build_engine, build_model, load_ds_config, loss_scale, precision
-from .errors import TrainingError
+from .errors import ChatTSTrainError, CheckpointError, TrainingError
 from .evaluate import evaluate_samples, read_samples, write_report
 from .metrics import MetricsLog, format_summary, gather_floats, memory_snapshot, plot, summarise
 from .processor import ChatTSProcessor
@@ -123,6 +124,15 @@ def train(cfg: TrainConfig) -> dict:
                 f"{schedule.steps_in_epoch(0)} optimizer steps per epoch of {ga} x {world} micro-batches; "
                 f"{total_steps} steps in all")
 
+    # What can fail without the model fails before loading it (minutes for 14B).
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    if cfg.resume and latest_resume(ckpt_root) is None:
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_root} (expected {ckpt_root}/latest)")
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
+            json.dump({"train": asdict(cfg), "deepspeed": ds}, f, indent=2)
+
     model, hf_ds = build_model(cfg.model_path, ds, cfg.attn_implementation)
     model = add_lora(model, cfg, cfg.gradient_checkpointing)
     engine = build_engine(model, ds, cfg, total_steps)
@@ -133,18 +143,13 @@ def train(cfg: TrainConfig) -> dict:
                 f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable {n_trainable / 1e6:.2f} M, "
                 f"loss scale {loss_scale(engine):g}")
 
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     start_step = 0
     if cfg.resume:
         start_step, _ = load_resume(engine, ckpt_root)
         rank0_print(f"[resume] continuing at optimizer step {start_step}")
-    if rank == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
-            json.dump({"train": asdict(cfg), "deepspeed": ds}, f, indent=2)
     reader = SampleReader(index, processor)
     pad_id = processor.tokenizer.pad_token_id
-    log = MetricsLog(cfg.output_dir, rank == 0, cfg.tensorboard, resume=cfg.resume)
+    log = MetricsLog(cfg.output_dir, rank == 0, cfg.tensorboard, resume_step=start_step if cfg.resume else None)
     stop = StopRequest()
     batch_of = pack if cfg.packing else collate
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, dynamic_ncols=True, desc="train")
@@ -245,7 +250,13 @@ def _finite_or_none(x) -> Optional[float]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    train(parse_config(TrainConfig, argv, description="LoRA fine-tuning of ChatTS with DeepSpeed"))
+    """Entry point of `launch.sh` / `chatts-train train`: our errors are printed once, without a traceback."""
+    try:
+        train(parse_config(TrainConfig, argv, description="LoRA fine-tuning of ChatTS with DeepSpeed"))
+    except ChatTSTrainError as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

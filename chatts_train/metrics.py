@@ -37,7 +37,7 @@ def gather_floats(values: list[float], device: torch.device) -> list[list[float]
 class MetricsLog:
     """Rank 0 writes `metrics.jsonl` (one line per optimizer step) and, if installed, TensorBoard events."""
 
-    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True, resume: bool = False):
+    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.rows: list[dict] = []
         self.path = os.path.join(output_dir, "metrics.jsonl")
@@ -45,9 +45,13 @@ class MetricsLog:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        if resume and os.path.exists(self.path):
+        if resume_step is not None and os.path.exists(self.path):
+            # A resumed run redoes the steps after its checkpoint: drop their old lines, keep the rest.
             with open(self.path) as f:
-                self.rows = [json.loads(line) for line in f if line.strip()]
+                self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r["step"] <= resume_step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        os.replace(self.path + ".tmp", self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -59,11 +63,9 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        # A resumed run rewrites the steps after its checkpoint, so the file never holds a step twice.
-        self.rows = [r for r in self.rows if r["step"] < row["step"]] + [row]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        os.replace(self.path + ".tmp", self.path)
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
         if self.tb:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
