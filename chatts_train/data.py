@@ -18,7 +18,7 @@ import torch
 
 from .errors import DataError
 from .processor import ChatTSProcessor, Encoded, chat_answer, chat_prompt
-from .timeseries import TS_PLACEHOLDER, check_series
+from .timeseries import TS_PLACEHOLDER, TSSpec, check_series
 
 DEFAULT_COLUMNS = {"prompt": "input", "response": "output", "timeseries": "timeseries"}
 OVER_CUTOFF = "over cutoff"
@@ -85,7 +85,7 @@ class Rejected:
     detail: str  # for the file:line report
 
 
-def parse_line(line: str | bytes, columns: dict, spec) -> tuple[str, str, list[np.ndarray]] | Rejected:
+def parse_line(line: str | bytes, columns: dict, spec: TSSpec) -> tuple[str, str, list[np.ndarray]] | Rejected:
     """(input, output, series), or why the line cannot be trained on."""
     try:
         obj = json.loads(line)
@@ -132,6 +132,7 @@ class DataIndex:
     series_lengths: np.ndarray  # int32, all series of kept samples, flat
     dropped: list[Counter]  # per source: reason -> count
     problems: list[str]  # "file:line: reason: detail", over-cutoff excluded
+    spec: TSSpec  # the encoder layout the lengths were computed for
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -187,11 +188,22 @@ def index_data(sources: list[Source], processor: ChatTSProcessor, cutoff_len: in
     index = DataIndex(sources, np.array(cols["source"], np.int16), np.array(cols["offset"], np.int64),
                       np.array(cols["line"], np.int32), np.array(cols["length"], np.int32),
                       np.array(cols["answer"], np.int32), np.array(cols["nseries"], np.int16),
-                      np.array(series_lengths, np.int32), dropped, problems)
+                      np.array(series_lengths, np.int32), dropped, problems, processor.spec)
     if len(index) == 0:
         raise DataError(f"no usable samples in {', '.join(s.path for s in sources)} "
                         f"(cutoff_len {cutoff_len}; dropped: {dict(sum(dropped, Counter()))})", problems)
     return index
+
+
+def read_sample(index: DataIndex, i: int) -> tuple[str, str, list[np.ndarray]]:
+    """(input, output, series) of indexed sample `i`, read from its line on disk."""
+    src = index.sources[index.source[i]]
+    with open(src.path, "rb") as f:
+        f.seek(int(index.offset[i]))
+        parsed = parse_line(f.readline(), src.columns, index.spec)
+    if isinstance(parsed, Rejected):
+        raise DataError(f"{src.path}:{index.line[i]}: the file changed since it was indexed; restart")
+    return parsed
 
 
 class SampleReader(torch.utils.data.Dataset):
@@ -205,12 +217,10 @@ class SampleReader(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> Encoded:
-        src = self.index.sources[self.index.source[i]]
-        with open(src.path, "rb") as f:
-            f.seek(int(self.index.offset[i]))
-            parsed = parse_line(f.readline(), src.columns, self.processor.spec)
-        enc = None if isinstance(parsed, Rejected) else self.processor.encode_chat(parsed[0], parsed[2], parsed[1])
-        if enc is None or len(enc) != self.index.length[i]:
+        text, answer, series = read_sample(self.index, i)
+        enc = self.processor.encode_chat(text, series, answer)
+        if len(enc) != self.index.length[i]:
+            src = self.index.sources[self.index.source[i]]
             raise DataError(f"{src.path}:{self.index.line[i]}: the file changed since it was indexed; restart")
         return enc
 

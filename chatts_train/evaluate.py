@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from .data import index_data, resolve_sources, split
+from .data import index_data, read_sample, resolve_sources, split
 from .generate import generate, load_for_inference
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -86,16 +86,12 @@ def format_table(summary: dict[str, dict]) -> str:
 
 
 def read_samples(index, ids) -> list[dict]:
-    """The indexed samples `ids` as dicts (dataset, line, input, output, timeseries), read from disk."""
+    """The indexed samples `ids` as dicts (dataset, line, input, output, timeseries)."""
     samples = []
     for i in ids:
-        src = index.sources[index.source[i]]
-        with open(src.path, "rb") as f:
-            f.seek(int(index.offset[i]))
-            obj = json.loads(f.readline())
-        c = src.columns
-        samples.append({"dataset": src.name, "line": int(index.line[i]), "input": obj[c["prompt"]],
-                        "output": obj[c["response"]], "timeseries": obj[c["timeseries"]]})
+        text, answer, series = read_sample(index, i)
+        samples.append({"dataset": index.sources[index.source[i]].name, "line": int(index.line[i]), "input": text,
+                        "output": answer, "timeseries": series})
     return samples
 
 
