@@ -42,6 +42,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="a ChatTS checkpoint; default: the 14B shape from config alone")
     p.add_argument("--release", choices=["0801", "legacy"], default="0801")
     p.add_argument("--ds-config", default=os.path.join(os.path.dirname(__file__), "..", "ds_config.json"))
+    p.add_argument("--compare-offload", choices=["none", "param", "optimizer", "all"], default=None,
+                   help="run a second probe with this offload and report the step-time ratio (second / first)")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-steps per optimizer step in the probe")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps to run (the first one warms up)")
     p.add_argument("--gpu-mem-gb", type=float, default=None, help="cap each process to this many GiB")
@@ -249,7 +251,10 @@ def run_probe(a: argparse.Namespace) -> dict:
     env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29611"),
            "WORLD_SIZE": str(a.num_gpus), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    argv = [x for x in sys.argv[1:] if x != "--json"] + ["--seq-len", str(a.seq_len)]
+    # Workers get this run's resolved length and offload (the parent's flags may say otherwise).
+    argv = [x for x in sys.argv[1:] if x not in ("--json", "--no-offload")] + ["--seq-len", str(a.seq_len)]
+    if a.offload:
+        argv += ["--offload", a.offload]
     procs = []
     for r in range(a.num_gpus):
         procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(r), "--out", out,
@@ -341,6 +346,12 @@ def main(argv=None) -> None:
     report_to, sys.stdout = sys.stdout, sys.stderr  # library logs (DeepSpeed prints to stdout) stay off the report
     rep = run_probe(a)
     rep["config_written"] = write_config(a, rep)
+    if a.compare_offload:
+        other = run_probe(argparse.Namespace(**{**vars(a), "offload": a.compare_offload}))
+        rep["compare"] = {k: other.get(k) for k in ("offload", "ok", "micro_step_s", "device_peak_gib",
+                                                    "peak_allocated_gib", "time_to_first_step_s", "verdict")}
+        if rep["ok"] and other["ok"]:
+            rep["compare"]["step_time_ratio"] = round(other["micro_step_s"] / rep["micro_step_s"], 3)
     sys.stdout = report_to
     if a.json:
         print(json.dumps(rep, indent=2))
@@ -355,6 +366,8 @@ def main(argv=None) -> None:
         print(f"  rank {r['rank']}: " + ", ".join(f"{k}={round(v, 2) if isinstance(v, float) else v}" for k, v in r.items()
                                             if k in ("gpu", "ok", "device_peak_gib", "peak_reserved_gib", "micro_steps", "error")))
     print(f"verdict: {rep['verdict']}")
+    if "compare" in rep:
+        print(f"compare: {rep['compare']}")
     if rep["config_written"]:
         print(f"wrote {rep['config_written']}")
 

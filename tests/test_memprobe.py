@@ -16,7 +16,8 @@ def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, proces
     out = tmp_path / "ds_no_offload.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), "--model", tiny["0801"],
                         "--no-offload", "--data", "hbsn", "--dataset-dir", synthetic, "--grad-accum", "2", "--steps",
-                        "1", "--json", "--write-config", str(out)], capture_output=True, text=True, timeout=600,
+                        "1", "--json", "--write-config", str(out), "--compare-offload", "param"],
+                       capture_output=True, text=True, timeout=600,
                        env={**os.environ, "MASTER_PORT": "29622", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout)
@@ -28,6 +29,9 @@ def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, proces
     written = json.loads(out.read_text())
     assert "offload_param" not in written["zero_optimization"] and "offload_optimizer" not in written["zero_optimization"]
     assert written["_memprobe"]["verdict"] == rep["verdict"]
+    # the same probe with parameter offload, for the step-time ratio
+    assert rep["compare"]["offload"] == "param" and rep["compare"]["ok"]
+    assert rep["compare"]["step_time_ratio"] == round(rep["compare"]["micro_step_s"] / rep["micro_step_s"], 3)
 
 
 def _args(tmp_path, **kw):
