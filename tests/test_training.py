@@ -10,7 +10,7 @@ from chatts_train.standins.synthetic import write_series_task
 
 from conftest import read_json
 
-SCENARIOS = "interrupted_and_resumed,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed"
+SCENARIOS = "interrupted_and_resumed,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed,robustness"
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,10 @@ def test_packed_training_runs_several_samples_per_micro_step(results):
     # task samples are ~80-90 positions: 4 fit a 400-position pack; 2 micro-steps x 2 ranks per step
     assert r["summary"]["samples"] >= 2 * 2 * 2 * 3
     assert all(math.isfinite(x["loss"]) and x["answer_tokens"] >= 4 * 2 * 2 * 3 for x in r["rows"])
+
+
+def test_batches_without_series_and_oom_reports(results):
+    r = scenario(results, "robustness")
+    assert [x["step"] for x in r["mixed_rows"]] == [1, 2] and all(math.isfinite(x["loss"]) for x in r["mixed_rows"])
+    assert "CUDA out of memory at sequence length" in r["oom"] and "mixed.jsonl:" in r["oom"]
+    assert "--offload param" in r["oom"] and "memprobe.py" in r["oom"]
