@@ -197,16 +197,22 @@ def pick_attention(requested: Optional[str] = None) -> str:
     return "flash_attention_2" if fa2_ok else "sdpa"
 
 
-def check_checkpoint(path: str) -> ChatTSConfig:
-    """Fail early and clearly on a folder that is not a complete ChatTS checkpoint."""
+def read_chatts_config(path: str) -> dict:
+    """config.json of a ChatTS folder as a dict; a clear error when it is missing or not ChatTS."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{path}: no config.json; point --model_path at a ChatTS checkpoint folder")
     with open(cfg_file) as f:
         raw = json.load(f)
-    if "ts" not in raw:
+    if not raw.get("ts"):
         raise CheckpointError(f"{cfg_file}: no `ts` block, so this is not a ChatTS config "
                               f"(model_type {raw.get('model_type')!r})")
+    return raw
+
+
+def check_checkpoint(path: str) -> ChatTSConfig:
+    """Fail early and clearly on a folder that is not a complete ChatTS checkpoint."""
+    raw = read_chatts_config(path)
     index_file = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_file):
         with open(index_file) as f:

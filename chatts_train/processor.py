@@ -7,8 +7,6 @@ model) is expanded here on the CPU into exactly ceil(L / patch_size) `<ts>` toke
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -18,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .collate import collate
 from .errors import CheckpointError
-from .modeling import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
+from .modeling import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID, read_chatts_config
 from .timeseries import TS_PLACEHOLDER, TSSpec, encoder_rows, normalise, prefix
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -77,13 +75,7 @@ class ChatTSProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str, **tokenizer_kwargs) -> "ChatTSProcessor":
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise CheckpointError(f"{path}: no config.json; expected a ChatTS checkpoint folder")
-        with open(cfg_file) as f:
-            ts = json.load(f).get("ts")
-        if not ts:
-            raise CheckpointError(f"{cfg_file}: no `ts` block, so this is not a ChatTS config")
+        ts = read_chatts_config(path)["ts"]
         tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
         if tokenizer.convert_tokens_to_ids("<ts>") != TS_TOKEN_ID:
             raise CheckpointError(f"{path}: tokenizer has no `<ts>` token at id {TS_TOKEN_ID}")
