@@ -4,17 +4,17 @@
     python benchmarks/memprobe.py --offload param --gpu-mem-gb 22 --json
     python benchmarks/memprobe.py --model /models/ChatTS-14B --seq-len 8192
 
-Runs the loop's own pieces (model class, LoRA, reentrant checkpointing, ZeRO-3, token-mean loss,
-`micro_step`) for a few micro-steps and at least one optimizer step on one worst-case sequence (text +
-5000-point series, as in the users' data). Without `--model` the 14B shape is built from config alone,
-without weights (values don't matter for memory or speed). An OOM is a result, not a crash.
+Runs what `train()` runs: its set-up (`init_process`, `load_ds_config`, `prepare_engine`) and its micro-step
+and token scale, for a few micro-steps and at least one optimizer step on one worst-case sequence (text +
+5000-point series, as in the users' data). With `--model` the folder is loaded as the job loads it; without,
+the shape is built from config alone (`--release`, or `--config FILE`), without weights (values don't matter
+for memory or speed). An OOM is a result, not a crash. benchmarks/real_job.sh checks it against the job.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,7 +40,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="comma-separated sample lengths packed into one micro-step (e.g. 1432,1432), instead of --seq-len")
     p.add_argument("--num-gpus", type=int, default=2)
     p.add_argument("--model", default=None, help="a ChatTS checkpoint; default: the 14B shape from config alone")
-    p.add_argument("--release", choices=["0801", "legacy"], default="0801")
+    p.add_argument("--release", choices=["0801", "legacy"], default="0801", help="the 14B shape to build (no --model)")
+    p.add_argument("--config", default=None, help="build this config.json's shape without weights (instead of --release)")
     p.add_argument("--ds-config", default=os.path.join(os.path.dirname(__file__), "..", "ds_config.json"))
     p.add_argument("--compare-offload", choices=["none", "param", "optimizer", "all"], default=None,
                    help="run a second probe with this offload and report the step-time ratio (second / first)")
@@ -109,52 +110,41 @@ class DeviceSampler(threading.Thread):
 
 
 def worker(a: argparse.Namespace) -> None:
-    import deepspeed
+    """One rank of the probe: `train()`'s own set-up (`init_process`, `load_ds_config`, `prepare_engine`) and
+    its own micro-step and token scale, on a synthetic batch of the probed length."""
     import torch
-    import torch.distributed as dist
 
     from chatts_train.collate import collate, pack
     from chatts_train.config import TrainConfig
-    from chatts_train.engine import add_lora, build_engine, build_model, load_ds_config, loss_scale
-    from chatts_train.loop import micro_step
-    from chatts_train.modeling import ChatTSConfig, check_checkpoint
-    from chatts_train.published import chatts_config
+    from chatts_train.engine import describe_setup, init_process, load_ds_config, loss_scale, prepare_engine
+    from chatts_train.hostmem import host_need_gib, peak_rss_gib, rss_gib
+    from chatts_train.loop import micro_step, step_token_scale
+    from chatts_train.modeling import check_checkpoint
+    from chatts_train.weights import checkpoint_bytes
 
-    rank = a.worker
-    gpu = torch.cuda.is_available()  # the CPU path (gloo, fp32) exists for the tests on the tiny model
-    device = torch.device("cuda", rank) if gpu else torch.device("cpu")
-    total_mem = 0
-    if gpu:
-        torch.cuda.set_device(device)
-        total_mem = torch.cuda.get_device_properties(device).total_memory
-        if a.gpu_mem_gb:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_mem_gb * GiB / total_mem), device)
-    deepspeed.init_distributed()
-    world = dist.get_world_size()
+    cfg = TrainConfig(model_path=a.model or "", learning_rate=1e-4, attn_implementation=a.attn,
+                      gradient_checkpointing=not a.no_checkpointing, gpu_memory_cap_gib=a.gpu_mem_gb)
+    rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
+    gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
     ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
     for kv in a.zero:
         key, value = kv.split("=", 1)
         ds["zero_optimization"][key] = json.loads(value)
-    if a.model:
-        config = check_checkpoint(a.model)
-    else:
-        raw = chatts_config(a.release)
-        raw.pop("model_type")
-        config = ChatTSConfig(**raw)
+    config = check_checkpoint(a.model) if a.model else shape_config(a)
     sampler = DeviceSampler(device)
     if gpu:
         sampler.start()
-    result = {"rank": rank, "gpu": torch.cuda.get_device_name(device) if gpu else "cpu", "total_gib": total_mem / GiB,
-              "cap_gib": a.gpu_mem_gb, "offload": a.offload or "config", "micro_steps": 0}
+    result = {"rank": rank, "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
+              "total_gib": torch.cuda.get_device_properties(device).total_memory / GiB if gpu else 0,
+              "cap_gib": a.gpu_mem_gb, "offload": a.offload or "config", "micro_steps": 0,
+              "host_rss_before_load_gib": rss_gib()}
     t_build = time.time()
     try:
-        model, hf_ds = build_model(a.model, ds, a.attn, config=None if a.model else config)
-        if not a.model:
-            fill_random(model)
-        cfg = TrainConfig(model_path=a.model or "", learning_rate=1e-4)
-        engine = build_engine(add_lora(model, cfg, not a.no_checkpointing), ds, cfg, total_steps=1000)
-        result["build_s"] = time.time() - t_build
-        result["trainable"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+        engine, hf_ds = prepare_engine(cfg, ds, total_steps=1000, shape=None if a.model else config)
+        model_bytes = checkpoint_bytes(a.model) if a.model else sum(
+            getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
+        result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
+                      host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world))
         spec = config.ts_spec
         if a.pack:
             lengths = [int(x) for x in a.pack.split(",")]
@@ -162,7 +152,8 @@ def worker(a: argparse.Namespace) -> None:
         else:
             batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], 151643)
         batch = {k: v.to(device) for k, v in batch.items()}
-        answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
+        token_scale, _ = step_token_scale([batch] * a.grad_accum, a.grad_accum, world, device)
         result["seq_len"] = int(batch["input_ids"].shape[1])
         result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
         sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -170,8 +161,7 @@ def worker(a: argparse.Namespace) -> None:
         for i in range(a.steps * a.grad_accum):
             sync()
             t = time.perf_counter()
-            # the same sample on every rank and micro-step: the step's mean is over GA x world copies of it
-            micro_step(engine, batch, 1.0 / answer_tokens)
+            micro_step(engine, batch, token_scale)
             sync()
             times.append(time.perf_counter() - t)
             result["micro_steps"] = i + 1
@@ -187,11 +177,21 @@ def worker(a: argparse.Namespace) -> None:
     if gpu:
         sampler.join()
     result["device_peak_gib"] = sampler.peak / GiB
-    result["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    result["host_peak_gib"] = peak_rss_gib()
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     if result.get("oom"):
         os._exit(3)  # the other ranks may be stuck in a collective; the parent ends them
+
+
+def shape_config(a: argparse.Namespace):
+    """The model shape without weights: a config.json (`--config`) or the published 14B config (`--release`)."""
+    from chatts_train.modeling import ChatTSConfig, read_chatts_config
+    from chatts_train.published import chatts_config
+
+    raw = read_chatts_config(os.path.dirname(os.path.abspath(a.config))) if a.config else chatts_config(a.release)
+    raw.pop("model_type", None)
+    return ChatTSConfig(**raw)
 
 
 def memory(device) -> dict:
@@ -200,20 +200,6 @@ def memory(device) -> dict:
     m = memory_snapshot(device)
     return {"peak_allocated_gib": m["allocated"], "peak_reserved_gib": m["reserved"], "peak_active_gib": m["active"],
             "alloc_retries": m["alloc_retries"]}
-
-
-def fill_random(model) -> None:
-    """Config-only weights are uninitialised memory; give them small random values so no NaN/inf steers
-    the kernels, cheaply (each rank fills only its own ZeRO-3 shard, on the GPU where possible)."""
-    import torch
-
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-            if n.endswith("norm.weight"):
-                t.fill_(1.0)
-            else:
-                t.uniform_(-0.02, 0.02)
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -248,7 +234,7 @@ def run_probe(a: argparse.Namespace) -> dict:
         size_from_data(a)
     out = tempfile.mkdtemp(prefix="memprobe-")
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29611"),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29611"),
            "WORLD_SIZE": str(a.num_gpus), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     # Workers get this run's resolved length and offload (the parent's flags may say otherwise).
@@ -279,9 +265,10 @@ def summarise(a, ranks: list[dict], wall_s: float) -> dict:
     from chatts_train.published import chatts_config
 
     ok = all(r.get("ok") for r in ranks)
-    cfg = chatts_config(a.release) if not a.model else json.load(open(os.path.join(a.model, "config.json")))
+    source = a.model and os.path.join(a.model, "config.json") or a.config
+    cfg = json.load(open(source)) if source else chatts_config(a.release)
     rep = {"ok": ok, "offload": ranks[0].get("offload"), "zero_overrides": a.zero, "gpus": a.num_gpus,
-           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "wall_s": round(wall_s, 1),
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True (train()'s default)"), "wall_s": round(wall_s, 1),
            "ranks": ranks, "budget_gib": a.budget_gb}
     if ok:
         seq = ranks[0]["seq_len"]
@@ -295,6 +282,8 @@ def summarise(a, ranks: list[dict], wall_s: float) -> dict:
                    peak_reserved_gib=round(max(r["peak_reserved_gib"] for r in ranks), 2),
                    alloc_retries=max(r["alloc_retries"] for r in ranks),
                    host_peak_gib=round(max(r["host_peak_gib"] for r in ranks), 1),
+                   host_rss_after_load_gib=round(max(r.get("host_rss_after_load_gib", 0) for r in ranks), 1),
+                   host_need=ranks[0].get("host_need"), setup=ranks[0].get("setup"),
                    # an upper bound: every sample costs a micro-step at the probed (worst-case) length
                    estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))
         if card:
@@ -357,7 +346,8 @@ def main(argv=None) -> None:
         print(json.dumps(rep, indent=2))
         return
     keys = ["seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
-            "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_peak_gib", "estimated_job_s"]
+            "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_rss_after_load_gib", "host_peak_gib",
+            "estimated_job_s"]
     print(f"\nmemprobe: {a.num_gpus} GPU(s), offload {rep['offload']}, cap {a.gpu_mem_gb} GiB")
     for k in keys:
         if k in rep:
@@ -365,6 +355,10 @@ def main(argv=None) -> None:
     for r in rep["ranks"]:
         print(f"  rank {r['rank']}: " + ", ".join(f"{k}={round(v, 2) if isinstance(v, float) else v}" for k, v in r.items()
                                             if k in ("gpu", "ok", "device_peak_gib", "peak_reserved_gib", "micro_steps", "error")))
+    if rep.get("host_need"):
+        h = rep["host_need"]
+        print(f"host RAM: ~{h['node_gib']} GiB per node ({h['ranks_on_node']} ranks x {h['per_rank_gib']} GiB, of which "
+              f"{h['pinned_partition_gib']} GiB pinned weights)")
     print(f"verdict: {rep['verdict']}")
     if "compare" in rep:
         print(f"compare: {rep['compare']}")

@@ -40,6 +40,7 @@ class TrainConfig:
     fp16: Optional[bool] = None  # overrides fp16.enabled (the CPU demo runs fp32)
     offload: Optional[str] = None  # none | param | optimizer | all; overrides the DeepSpeed config
     gradient_checkpointing: bool = True
+    gpu_memory_cap_gib: Optional[float] = None  # cap each process's PyTorch memory (emulate a smaller card)
     attn_implementation: Optional[str] = None  # sdpa (default), flash_attention_2 (sm80+), eager
     seed: int = 42
     # saving and logging

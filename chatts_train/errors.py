@@ -24,3 +24,8 @@ class DataError(ChatTSTrainError):
 
 class TrainingError(ChatTSTrainError):
     """The run cannot go on (diverged, loss scale at its minimum, out of memory)."""
+
+
+class RankError(TrainingError):
+    """A failure of one rank only (say, out of memory on its longest sample). That rank prints it; the
+    others only report that a peer stopped."""

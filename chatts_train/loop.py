@@ -14,23 +14,24 @@ import signal
 import sys
 import time
 from dataclasses import asdict
-from typing import Optional
+from typing import Callable, Optional
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
 from .checkpoint import latest_resume, load_resume, save_adapter, save_resume
 from .collate import collate, pack
 from .config import TrainConfig, parse_config
 from .data import DataIndex, SampleReader, describe, index_data, resolve_sources, split
-from .engine import add_lora, build_engine, build_model, load_ds_config, loss_scale, precision
-from .errors import ChatTSTrainError, CheckpointError, TrainingError
+from .engine import (check_training_mode, describe_setup, init_process, load_ds_config, loss_scale, precision,
+                     prepare_engine, read_ds_config)
+from .errors import ChatTSTrainError, CheckpointError, RankError, TrainingError
 from .evaluate import evaluate_samples, read_samples, write_report
-from .metrics import MetricsLog, format_summary, gather_floats, memory_snapshot, plot, summarise
+from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
+from .metrics import MetricsLog, format_summary, gather_named, memory_snapshot, plot, summarise
+from .weights import checkpoint_bytes
 from .processor import ChatTSProcessor
 from .schedule import Schedule
 
@@ -59,6 +60,7 @@ def micro_step(engine, batch: dict, token_scale: float) -> tuple[float, int]:
     """Forward, backward and `engine.step()` for one micro-batch. `token_scale` (= accumulation steps x
     world size / answer tokens of the whole optimizer step) makes the gradient that of the mean over all
     answer tokens of the step, across micro-steps and ranks, rather than a mean of per-sample means."""
+    check_training_mode(engine.module)
     out = engine(**batch)
     engine.backward(out.loss_sum * token_scale)
     engine.step()
@@ -82,6 +84,14 @@ class StopRequest:
         return bool(t.item())
 
 
+def step_token_scale(batches: list[dict], ga: int, world: int, device) -> tuple[float, int]:
+    """(token_scale for `micro_step`, answer tokens of the whole optimizer step over all ranks)."""
+    counts = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in batches))], device=device)
+    dist.all_reduce(counts)
+    total = int(counts.item())
+    return ga * world / max(total, 1), total
+
+
 def oom_advice(index: DataIndex, ids: np.ndarray, seq_len: int) -> str:
     where = ", ".join(f"{index.sources[index.source[i]].path}:{index.line[i]}" for i in ids)
     return (f"CUDA out of memory at sequence length {seq_len} (sample {where}). Try: parameter offload "
@@ -89,19 +99,13 @@ def oom_advice(index: DataIndex, ids: np.ndarray, seq_len: int) -> str:
             f"--seq-len {seq_len}.")
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
+    """The whole job. `step_fn` is the micro-step (forward, backward, engine.step); tests and profilers pass
+    their own wrapper of `micro_step`."""
     # ---- set up -------------------------------------------------------------------------------------
     t_start = time.time()
-    # Before the first CUDA allocation: without it ZeRO-3's changing gather sizes fragment the cache by GBs
-    # (measured: 14B at 4096 tokens OOMs under a 22 GiB cap without it, fits with it; benchmarks/RESULTS.md).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
+    read_ds_config(cfg.ds_config)  # a missing or broken file fails here, before any process group starts
+    rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
     ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
     mb, ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
 
@@ -133,19 +137,26 @@ def train(cfg: TrainConfig) -> dict:
         with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
             json.dump({"train": asdict(cfg), "deepspeed": ds}, f, indent=2)
 
-    model, hf_ds = build_model(cfg.model_path, ds, cfg.attn_implementation)
-    model = add_lora(model, cfg, cfg.gradient_checkpointing)
-    engine = build_engine(model, ds, cfg, total_steps)
-    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
-    rank0_print(f"[model] {cfg.model_path}: attention {model.config._attn_implementation}, dtype {precision(ds)}, "
-                f"ZeRO stage {ds['zero_optimization'].get('stage', 0)}, offload param "
-                f"{bool(ds['zero_optimization'].get('offload_param'))} / optimizer "
-                f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable {n_trainable / 1e6:.2f} M, "
-                f"loss scale {loss_scale(engine):g}")
+    report_host_need(cfg.model_path, ds, world)
+    engine, hf_ds = prepare_engine(cfg, ds, total_steps)
+    setup = describe_setup(engine)
+    rss = gather_named({"rss": rss_gib(), "peak": peak_rss_gib()}, device)
+    rank0_print(f"[model] {cfg.model_path}: attention {setup['attention']}, dtype {precision(ds)}, "
+                f"ZeRO stage {setup['zero_stage']}, offload param {setup['offload_param']} / optimizer "
+                f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable "
+                f"{setup['trainable_numel'] / 1e6:.2f} M, checkpointed layers {setup['checkpointed_layers']}/"
+                f"{setup['decoder_layers']}, loss scale {loss_scale(engine):g}")
+    rank0_print("[host] RSS after load per rank: " + ", ".join(
+        f"{r['rss']:.1f} GiB (peak {r['peak']:.1f})" for r in rss))
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "setup.json"), "w") as f:
+            json.dump({**setup, "host_rss_after_load_gib": [round(r["rss"], 2) for r in rss],
+                       "host_peak_after_load_gib": [round(r["peak"], 2) for r in rss]}, f, indent=2)
 
     start_step = 0
     if cfg.resume:
         start_step, _ = load_resume(engine, ckpt_root)
+        engine.train()
         rank0_print(f"[resume] continuing at optimizer step {start_step}")
     reader = SampleReader(index, processor)
     pad_id = processor.tokenizer.pad_token_id
@@ -160,9 +171,7 @@ def train(cfg: TrainConfig) -> dict:
         plan = schedule.micro_batches(step, rank)
         batches = [batch_of([reader[int(i)] for i in ids], pad_id) for ids in plan]
         # Answer tokens of the whole optimizer step, over all ranks: the loss is their mean.
-        counts = torch.tensor([float(sum((b["labels"][:, 1:] != -100).sum() for b in batches))], device=device)
-        dist.all_reduce(counts)
-        token_scale = ga * world / max(counts.item(), 1.0)
+        token_scale, answer_tokens = step_token_scale(batches, ga, world, device)
         t0 = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for ids, batch in zip(plan, batches):
@@ -174,9 +183,9 @@ def train(cfg: TrainConfig) -> dict:
                 return {"stopped_at": step}
             batch = {k: v.to(device) for k, v in batch.items()}
             try:
-                part, _ = micro_step(engine, batch, token_scale)
+                part, _ = step_fn(engine, batch, token_scale)
             except torch.OutOfMemoryError as e:
-                raise TrainingError(oom_advice(index, ids, batch["input_ids"].shape[1])) from e
+                raise RankError(oom_advice(index, ids, batch["input_ids"].shape[1])) from e
             except Exception as e:
                 if "loss scale already at minimum" not in str(e):
                     raise
@@ -191,19 +200,23 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- log ------------------------------------------------------------------------------------
         mem = memory_snapshot(device)
-        per_rank = gather_floats([loss_sum, tokens, mem["allocated"], mem["reserved"], mem["active"], mem["host"],
-                                  sum(len(ids) for ids in plan)], device)
-        samples_seen += int(sum(r[6] for r in per_rank))
-        loss = sum(r[0] for r in per_rank) / max(counts.item(), 1.0)
+        per_rank = gather_named({"loss_sum": loss_sum, "tokens": tokens, "allocated": mem["allocated"],
+                                 "reserved": mem["reserved"], "active": mem["active"], "host": rss_gib(),
+                                 "host_peak": mem["host"], "samples": sum(len(ids) for ids in plan),
+                                 "seq_len": max(b["input_ids"].shape[1] for b in batches)}, device)
+        samples_seen += int(sum(r["samples"] for r in per_rank))
+        step_tokens = sum(r["tokens"] for r in per_rank)
+        loss = sum(r["loss_sum"] for r in per_rank) / max(answer_tokens, 1)
         bad_steps = bad_steps + 1 if not math.isfinite(loss) else 0
         row = {
             "step": step + 1, "epoch": round(schedule.epoch_progress(step), 3), "loss": loss, "lr": engine.get_lr()[0],
             "loss_scale": loss_scale(engine), "skipped": int(not engine.was_step_applied()),
-            "grad_norm": _finite_or_none(engine.get_global_grad_norm()), "tokens": int(sum(r[1] for r in per_rank)),
-            "answer_tokens": int(counts.item()), "step_time_s": round(step_time, 4),
-            "tokens_per_s_per_gpu": round(sum(r[1] for r in per_rank) / step_time / world, 1),
-            "peak_allocated_gib": [round(r[2], 3) for r in per_rank], "peak_reserved_gib": [round(r[3], 3) for r in per_rank],
-            "peak_active_gib": [round(r[4], 3) for r in per_rank], "host_rss_gib": [round(r[5], 2) for r in per_rank],
+            "grad_norm": _finite_or_none(engine.get_global_grad_norm()), "tokens": int(step_tokens),
+            "answer_tokens": answer_tokens, "max_seq_len": int(max(r["seq_len"] for r in per_rank)),
+            "step_time_s": round(step_time, 4), "tokens_per_s_per_gpu": round(step_tokens / step_time / world, 1),
+            **{f"peak_{k}_gib": [round(r[k], 3) for r in per_rank] for k in ("allocated", "reserved", "active")},
+            "host_rss_gib": [round(r["host"], 2) for r in per_rank],
+            "host_peak_gib": [round(r["host_peak"], 2) for r in per_rank],
         }
         log.log(row)
         bar.update(1)
@@ -228,6 +241,7 @@ def train(cfg: TrainConfig) -> dict:
         engine.eval()
         rows = evaluate_samples(engine.module, processor, read_samples(index, val_ids), device,
                                 max_new_tokens=cfg.eval_max_new_tokens, rank=rank, world=world)
+        engine.train()
         if rank == 0:
             write_report(rows, os.path.join(cfg.output_dir, "eval"))
     summary = summarise(log.rows, time.time() - t_start, samples_seen, first_step_s)
@@ -242,6 +256,21 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def report_host_need(model_path: str, ds: dict, world: int) -> None:
+    """Say what host RAM the run needs before the (minutes-long) load, and warn when the node lacks it."""
+    need = host_need_gib(checkpoint_bytes(model_path), ds, world)
+    available, total = node_memory_gib()
+    pinned = (f"{need['pinned_partition_gib']:.1f} GiB of it the pinned partition of the frozen weights"
+              if need["pinned_partition_gib"] else "no parameter offload, so no pinned weights")
+    rank0_print(f"[host] this node needs ~{need['node_gib']:.0f} GiB of RAM: {need['ranks_on_node']} ranks x "
+                f"~{need['per_rank_gib']:.1f} GiB ({pinned}); available {available:.0f} of {total:.0f} GiB")
+    if need["node_gib"] > available:
+        # A warning, not a refusal: memory-ballooned VMs report less than they can grow to.
+        rank0_print(f"[host] warning: that is more than the {available:.0f} GiB available; the load may be OOM-killed. "
+                    f"Options: --offload none (check it fits: benchmarks/memprobe.py --no-offload), more GPUs, "
+                    f"or a machine with more RAM")
+
+
 def _finite_or_none(x) -> Optional[float]:
     if x is None:
         return None
@@ -249,14 +278,32 @@ def _finite_or_none(x) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of `launch.sh` / `chatts-train train`: our errors are printed once, without a traceback."""
+def is_peer_failure(e: BaseException) -> bool:
+    """The symptom a rank sees when another rank died: its collective loses the connection."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted"))
+
+
+def main(argv: Optional[list[str]] = None, step_fn: Callable = micro_step) -> None:
+    """Entry point of `launch.sh` / `chatts-train train`. Errors are printed once, without a traceback: one
+    that every rank raised by rank 0, one rank's own failure by that rank, with its number; a rank that only
+    lost its peer says so in one line instead of a traceback."""
     try:
-        train(parse_config(TrainConfig, argv, description="LoRA fine-tuning of ChatTS with DeepSpeed"))
+        train(parse_config(TrainConfig, argv, description="LoRA fine-tuning of ChatTS with DeepSpeed"), step_fn)
     except ChatTSTrainError as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if isinstance(e, RankError) and world > 1:
+            print(f"error (rank {rank} of {world}): {e}", file=sys.stderr, flush=True)
+        elif rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Exception as e:
+        if not (dist.is_initialized() and is_peer_failure(e)):
+            raise
+        print(f"error (rank {dist.get_rank()}): stopped because another rank failed (its error is printed above)",
+              file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

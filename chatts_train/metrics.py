@@ -24,14 +24,14 @@ def memory_snapshot(device: torch.device) -> dict[str, float]:
             "host": host}
 
 
-def gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
-    """Every rank's `values`, on every rank (small: a handful of numbers per step)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if not (dist.is_available() and dist.is_initialized()):
-        return [t.tolist()]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [o.tolist() for o in out]
+def gather_named(values: dict[str, float], device: torch.device) -> list[dict[str, float]]:
+    """Every rank's `values` ({name: number}), on every rank, in rank order (a handful of numbers per step)."""
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    gathered = [t]
+    if dist.is_available() and dist.is_initialized():
+        gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, t)
+    return [dict(zip(values, g.tolist())) for g in gathered]
 
 
 class MetricsLog:

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import CheckpointError
 from .timeseries import TSSpec
+from .weights import weight_map
 
 IGNORE_INDEX = -100
 TS_TOKEN_ID = 151665
@@ -213,16 +214,10 @@ def read_chatts_config(path: str) -> dict:
 def check_checkpoint(path: str) -> ChatTSConfig:
     """Fail early and clearly on a folder that is not a complete ChatTS checkpoint."""
     raw = read_chatts_config(path)
-    index_file = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
-        if missing:
-            raise CheckpointError(f"{path}: missing weight shards {', '.join(missing)} named in "
-                                  f"model.safetensors.index.json; the download is incomplete")
-    elif not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    missing = sorted(s for s in set(weight_map(path).values()) if not os.path.isfile(os.path.join(path, s)))
+    if missing:
+        raise CheckpointError(f"{path}: missing weight shards {', '.join(missing)} named in "
+                              f"model.safetensors.index.json; the download is incomplete")
     raw.pop("model_type", None)
     return ChatTSConfig(**raw)
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 
-from chatts_train import (SampleReader, Schedule, TrainConfig, add_lora, build_engine, build_model, collate,
-                          index_on_rank0, load_ds_config, micro_step, save_adapter, split)
+from chatts_train import (SampleReader, Schedule, TrainConfig, collate, index_on_rank0, init_process, load_ds_config,
+                          micro_step, prepare_engine, save_adapter, split, step_token_scale)
 from chatts_train.config import add_dataclass_args, from_args
 from chatts_train.processor import ChatTSProcessor
 
@@ -44,9 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = from_args(TrainConfig, args)
 
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    # train()'s own set-up: process group, DeepSpeed config, and the engine in training mode
+    rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
     ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
     mb, ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     processor = ChatTSProcessor.from_pretrained(cfg.model_path)
@@ -54,21 +51,19 @@ def main() -> None:
     train_ids, val_ids = split(index, cfg.val_size, cfg.seed)
     schedule = Schedule(index, train_ids, cfg.seed, mb, world, ga)
     total = schedule.total_steps(cfg.num_epochs, cfg.max_steps)
-    model, hf_ds = build_model(cfg.model_path, ds, cfg.attn_implementation)
-    engine = build_engine(add_lora(model, cfg), ds, cfg, total)
+    engine, hf_ds = prepare_engine(cfg, ds, total)
     reader, pad_id = SampleReader(index, processor), processor.tokenizer.pad_token_id
 
     for step in range(total):
         batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in schedule.micro_batches(step, rank)]
-        tokens = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))], device=device)
-        dist.all_reduce(tokens)
-        loss = torch.tensor([sum(micro_step(engine, {k: v.to(device) for k, v in b.items()}, ga * world / tokens.item())[0]
+        token_scale, tokens = step_token_scale(batches, ga, world, device)
+        loss = torch.tensor([sum(micro_step(engine, {k: v.to(device) for k, v in b.items()}, token_scale)[0]
                                  for b in batches)], device=device)
         dist.all_reduce(loss)
         if len(val_ids) and ((step + 1) % args.eval_every == 0 or step + 1 == total):
-            val = held_out_loss(engine, reader, val_ids, pad_id, device)
+            val = held_out_loss(engine, reader, val_ids, pad_id, device)  # leaves the engine in training mode
             if rank == 0:
-                print(f"step {step + 1}: train loss {loss.item() / tokens.item():.4f}, held-out loss {val:.4f}", flush=True)
+                print(f"step {step + 1}: train loss {loss.item() / tokens:.4f}, held-out loss {val:.4f}", flush=True)
     save_adapter(engine.module, os.path.join(cfg.output_dir, "adapter"))
     del hf_ds
 

@@ -1,12 +1,14 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from chatts_train.processor import ChatTSProcessor
 from chatts_train.standins.checkpoint import make_tiny_checkpoint
-from chatts_train.standins.synthetic import write_datasets
+from chatts_train.standins.synthetic import write_datasets, write_series_task
 
 torch.set_num_threads(2)
 
@@ -26,6 +28,25 @@ def processors(tiny):
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     return write_datasets(str(tmp_path_factory.mktemp("data")), {"gdsh": 6, "hbsn": 5, "whlj": 4, "zhlh": 5})
+
+
+SCENARIOS = ("interrupted_and_resumed,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed,robustness,"
+             "training_mode_and_setup,loader_matches_transformers")
+
+
+@pytest.fixture(scope="session")
+def results(tiny, tmp_path_factory):
+    """One 2-process ZeRO-3 launch runs every scenario of dist_scenarios.py (each start costs tens of seconds)."""
+    out = tmp_path_factory.mktemp("dist")
+    write_series_task(str(out / "task.jsonl"), 48, length=120, seed=0)
+    write_series_task(str(out / "learn.jsonl"), 160, length=128, seed=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           os.path.join(os.path.dirname(__file__), "dist_scenarios.py"), str(out), tiny["0801"], SCENARIOS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    path = out / "results.json"
+    assert path.exists(), f"scenarios did not finish (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return read_json(path)
 
 
 def write_jsonl(path, rows):

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import chatts_train.loop as loop
-from chatts_train import TrainConfig, add_lora, build_engine, build_model, load_ds_config, load_resume, train
+from chatts_train import (TrainConfig, build_model, describe_setup, load_ds_config, load_resume, micro_step,
+                          prepare_engine, train)
+from chatts_train.engine import decoder_layers
 from chatts_train.collate import collate
 from chatts_train.errors import TrainingError
 from chatts_train.modeling import load_model
@@ -48,17 +49,16 @@ def rows(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def wrap_micro_step(hook):
-    """Route the loop's micro-steps through `hook(call_no, engine, batch, token_scale)`."""
-    real = loop.micro_step
+def step_with(hook):
+    """A micro-step for `train(cfg, step_fn)` that routes each call through `hook(call_no, micro_step, engine,
+    batch, token_scale)`."""
     calls = {"n": 0}
 
-    def wrapped(engine, batch, token_scale):
+    def step(engine, batch, token_scale):
         calls["n"] += 1
-        return hook(calls["n"], real, engine, batch, token_scale)
+        return hook(calls["n"], micro_step, engine, batch, token_scale)
 
-    loop.micro_step = wrapped
-    return real
+    return step
 
 
 def run(name, fn):
@@ -84,30 +84,74 @@ def interrupted_and_resumed():
         engines[:] = [engine]
         return real(engine, batch, scale)
 
-    real = wrap_micro_step(count)
-    calls = {}
-    try:
-        full = train(base_cfg(data=data, ds_config=ds, output_dir=full_dir, max_steps=5, learning_rate=2e-3))
-        calls = {"micro_steps": engines[0].micro_steps, "optimizer_steps": engines[0].global_steps}
-    finally:
-        loop.micro_step = real
+    full = train(base_cfg(data=data, ds_config=ds, output_dir=full_dir, max_steps=5, learning_rate=2e-3),
+                 step_with(count))
+    calls = {"micro_steps": engines[0].micro_steps, "optimizer_steps": engines[0].global_steps}
 
     def sigterm_on_rank0(n, real, engine, batch, scale):
         if n == 2 * 8 + 3 and dist.get_rank() == 0:  # inside optimizer step 3
             os.kill(os.getpid(), signal.SIGTERM)
         return real(engine, batch, scale)
 
-    real = wrap_micro_step(sigterm_on_rank0)
-    try:
-        stopped = train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3))
-    finally:
-        loop.micro_step = real
+    stopped = train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3),
+                    step_with(sigterm_on_rank0))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     cut_rows = rows(cut_dir)
     train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3, resume=True))
     return {"full_summary": full, "engine_counts": calls, "stopped": stopped, "rows_before_resume": len(cut_rows),
             "full": rows(full_dir), "resumed": rows(cut_dir),
             "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}
+
+
+def training_mode_and_setup():
+    """train() on the tiny checkpoint folder: every decoder layer runs in training mode, twice per micro-step
+    (forward + reentrant checkpoint recompute); setup.json records the set-up the steps really ran with."""
+    out_dir = os.path.join(OUT, "mode")
+    seen = {"setup": None, "micro_step": 0}
+    calls: dict = {}  # (micro-step, layer) -> training flag of each forward
+
+    def watch(n, real, engine, batch, scale):
+        if seen["setup"] is None:
+            seen["setup"] = describe_setup(engine)
+            for i, layer in enumerate(decoder_layers(engine.module)):
+                layer.register_forward_pre_hook(
+                    lambda m, args, i=i: calls.setdefault((seen["micro_step"], i), []).append(m.training))
+        seen["micro_step"] = n
+        return real(engine, batch, scale)
+
+    train(base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=ds_config(os.path.join(OUT, "ds_fp32.json")),
+                   output_dir=out_dir, max_steps=2, save_steps=0), step_with(watch))
+    with open(os.path.join(out_dir, "setup.json")) as f:
+        recorded = json.load(f)
+    return {"micro_steps": seen["micro_step"], "layers": seen["setup"]["decoder_layers"],
+            "forwards_per_layer_and_micro_step": sorted({len(v) for v in calls.values()}),
+            "pairs": len(calls), "all_training": all(all(v) for v in calls.values()),
+            "setup": seen["setup"], "recorded": recorded}
+
+
+def loader_matches_transformers():
+    """Each rank's ZeRO-3 partitions, read straight from the shards (weights.py), equal what transformers'
+    loader puts there: with and without parameter offload, partitioned or persistent small weights."""
+    from chatts_train.modeling import load_model
+
+    diffs = {}
+    for name, zero in {"persistence_0": {"stage3_param_persistence_threshold": 0},
+                       "persistence_default": {},
+                       "offload_param": {"offload_param": {"device": "cpu"}}}.items():
+        ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": dist.get_world_size(),
+              "zero_optimization": {"stage": 3, **zero}}
+        ours, hf_ds = build_model(CKPT, ds)
+        theirs = load_model(CKPT, dtype=torch.float32)
+        worst, mass = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        for (n, a), (m, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+            assert n == m and a.ds_tensor.shape == b.ds_tensor.shape, (n, m)
+            worst = torch.maximum(worst, (a.ds_tensor.double() - b.ds_tensor.double()).abs().max().reshape(1))
+            mass += a.ds_tensor.double().abs().sum()
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        dist.all_reduce(mass)
+        diffs[name] = {"max_abs_diff": worst.item(), "abs_sum": mass.item(), "params": len(list(ours.parameters()))}
+        del ours, theirs, hf_ds
+    return diffs
 
 
 def packed():
@@ -137,14 +181,11 @@ def robustness():
     def oom(n, real, engine, batch, scale):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.45 GiB (injected by the test)")
 
-    real = wrap_micro_step(oom)
     try:
-        train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "oom"), max_steps=1))
+        train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "oom"), max_steps=1), step_with(oom))
         report = "no error"
     except TrainingError as e:
         report = str(e)
-    finally:
-        loop.micro_step = real
     return {"mixed_rows": rows(os.path.join(OUT, "mixed")), "mixed_summary": mixed, "oom": report}
 
 
@@ -168,17 +209,22 @@ def adapter_reproduces_engine():
                    output_dir=full_dir, max_steps=5)
     ds = load_ds_config(cfg.ds_config, dist.get_world_size(), fp16=False, offload="none")
     processor = ChatTSProcessor.from_pretrained(CKPT)
-    model, hf_ds = build_model(CKPT, ds)
-    engine = build_engine(add_lora(model, cfg), ds, cfg, total_steps=5)
+    engine, hf_ds = prepare_engine(cfg, ds, total_steps=5)
     step, _ = load_resume(engine, os.path.join(full_dir, "checkpoints"))
     rng = np.random.default_rng(7)
     samples = [processor.encode_chat("<ts><ts/> Which anomaly is this?", [rng.normal(size=200)], "spike"),
                processor.encode_chat("no series at all", [], "level shift")]
     engine.eval()
     ours = eval_losses(engine, processor, samples, engine.device)
+    try:  # a training step in eval mode (no checkpointing) is refused, not run at 5x the memory
+        batch = {k: v.to(engine.device) for k, v in collate([samples[0]], processor.tokenizer.pad_token_id).items()}
+        micro_step(engine, batch, 1.0)
+        eval_step = "no error"
+    except TrainingError as e:
+        eval_step = str(e)
     partitioned = [tuple(p.shape) for n, p in engine.module.named_parameters() if "q_proj.base_layer" in n][:1]
     del engine, hf_ds
-    out = {"step": step, "engine": ours, "partitioned_shape": partitioned}
+    out = {"step": step, "engine": ours, "partitioned_shape": partitioned, "eval_mode_step": eval_step}
     if dist.get_rank() == 0:
         tensors = load_file(os.path.join(full_dir, "adapter", "adapter_model.safetensors"))
         out["adapter_keys"] = sorted(tensors)[:3]
@@ -204,7 +250,7 @@ def learns_from_series():
                    eval_max_new_tokens=4))
     res = {}
     if dist.get_rank() == 0:
-        from chatts_train.data import index_data, resolve_sources, split, SampleReader  # noqa: F401
+        from chatts_train.data import index_data, resolve_sources, split
 
         processor = ChatTSProcessor.from_pretrained(CKPT)
         with open(os.path.join(OUT, "learn.jsonl")) as f:
@@ -248,35 +294,27 @@ def fp16_loss_scaling():
         step = (n - 1) // 8 + 1
         return real(engine, batch, float("inf") if step in overflow_steps and n % 8 == 1 else scale)
 
-    real = wrap_micro_step(inject)
     out = {}
+    train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "fp16"), max_steps=5, fp16=True,
+                   learning_rate=1e-3), step_with(inject))
+    out["rows"] = rows(os.path.join(OUT, "fp16"))
+    # scale at its minimum: the next overflow must stop the run with a message and a checkpoint
+    ds_min = ds_config(os.path.join(OUT, "ds_fp16_min.json"), fp16=True, hysteresis=1, initial_scale_power=1,
+                       min_loss_scale=1)
     try:
-        train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "fp16"), max_steps=5, fp16=True,
-                       learning_rate=1e-3))
-        out["rows"] = rows(os.path.join(OUT, "fp16"))
-        # scale at its minimum: the next overflow must stop the run with a message and a checkpoint
-        ds_min = ds_config(os.path.join(OUT, "ds_fp16_min.json"), fp16=True, hysteresis=1, initial_scale_power=1,
-                           min_loss_scale=1)
-        loop.micro_step = real
-        real = wrap_micro_step(lambda n, r, e, b, s: r(e, b, float("inf") if n % 8 == 1 else s))
-        try:
-            train(base_cfg(data=data, ds_config=ds_min, output_dir=os.path.join(OUT, "fp16min"), max_steps=5,
-                           fp16=True))
-            out["min_scale"] = "no error"
-        except TrainingError as e:
-            out["min_scale"] = str(e)
-            out["min_scale_ckpt"] = sorted(os.listdir(os.path.join(OUT, "fp16min", "checkpoints")))
-        # NaN losses for max_bad_steps steps in a row stop the run
-        loop.micro_step = real
-        real = wrap_micro_step(lambda n, r, e, b, s: (float("nan"), r(e, b, s)[1]))
-        try:
-            train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "nan"), max_steps=5, fp16=True,
-                           max_bad_steps=2))
-            out["nan"] = "no error"
-        except TrainingError as e:
-            out["nan"] = str(e)
-    finally:
-        loop.micro_step = real
+        train(base_cfg(data=data, ds_config=ds_min, output_dir=os.path.join(OUT, "fp16min"), max_steps=5, fp16=True),
+              step_with(lambda n, r, e, b, s: r(e, b, float("inf") if n % 8 == 1 else s)))
+        out["min_scale"] = "no error"
+    except TrainingError as e:
+        out["min_scale"] = str(e)
+        out["min_scale_ckpt"] = sorted(os.listdir(os.path.join(OUT, "fp16min", "checkpoints")))
+    # NaN losses for max_bad_steps steps in a row stop the run
+    try:
+        train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "nan"), max_steps=5, fp16=True,
+                       max_bad_steps=2), step_with(lambda n, r, e, b, s: (float("nan"), r(e, b, s)[1])))
+        out["nan"] = "no error"
+    except TrainingError as e:
+        out["nan"] = str(e)
     return out
 
 

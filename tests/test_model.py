@@ -182,3 +182,18 @@ def test_lora_targets_and_encoder_options(tiny):
     model, _ = lora_modules(train_encoder=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     assert trainable and all(".ts_encoder." in n for n in trainable)
+
+
+def test_pinned_chunks_pack_partitions_without_overlap_or_rounding():
+    from chatts_train.hostmem import PinnedChunks
+
+    chunks = PinnedChunks(chunk_bytes=1 << 20, pin=False)  # pinning itself needs CUDA; the packing does not
+    sizes = [300_000, 100_000, 200_000, 5, 700_000, 3_000_000, 1]  # fp16 elements; one is bigger than a chunk
+    views = [chunks.place(torch.empty(n, dtype=torch.float16)) for n in sizes]
+    assert [v.numel() for v in views] == sizes and all(v.dtype == torch.float16 for v in views)
+    for i, v in enumerate(views):
+        v.fill_(i)
+    assert all(bool((v == i).all()) for i, v in enumerate(views))  # no view overwrote another
+    assert all(v.data_ptr() % 64 == 0 for v in views)
+    # two 1 MiB chunks first fit; the 1.4 MB and 6 MB partitions get chunks of their own (2 and 8 MiB)
+    assert len(chunks.chunks) == 4 and chunks.reserved_bytes == 2 * (1 << 20) + (1 << 21) + (1 << 23)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -34,13 +35,26 @@ def save_sharded(state_dict: dict[str, torch.Tensor], out_dir: str, num_shards: 
         json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2)
 
 
-def tokenizer_files(out_dir: str) -> None:
-    """Copy the stand-in tokenizer into `out_dir`, building it once per machine (a few seconds)."""
+def tokenizer_files(out_dir: str, source: Optional[str] = None) -> None:
+    """Copy the tokenizer files of `source` (a checkpoint folder), or the stand-in tokenizer, built once per
+    machine (a few seconds), into `out_dir`."""
     from transformers import AutoTokenizer
 
-    if not os.path.isfile(os.path.join(_TOKENIZER_CACHE, "tokenizer.json")):
-        build_qwen_tokenizer().save_pretrained(_TOKENIZER_CACHE)
-    AutoTokenizer.from_pretrained(_TOKENIZER_CACHE).save_pretrained(out_dir)
+    if source is None:
+        source = _TOKENIZER_CACHE
+        if not os.path.isfile(os.path.join(source, "tokenizer.json")):
+            build_qwen_tokenizer().save_pretrained(source)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+
+
+def write_checkpoint_files(out_dir: str, cfg: dict, tokenizer: Optional[str] = None) -> None:
+    """Everything of a published checkpoint folder except the weights: config, generation config, tokenizer."""
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                   "do_sample": False}, f, indent=2)
+    tokenizer_files(out_dir, tokenizer)
 
 
 def make_tiny_checkpoint(out_dir: str, release: str = "0801", seed: int = 0, num_shards: int = 3,
@@ -51,10 +65,5 @@ def make_tiny_checkpoint(out_dir: str, release: str = "0801", seed: int = 0, num
     torch.manual_seed(seed)
     model = ChatTSForCausalLM(ChatTSConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     save_sharded({k: v.half() for k, v in model.state_dict().items()}, out_dir, num_shards)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
-                   "do_sample": False}, f, indent=2)
-    tokenizer_files(out_dir)
+    write_checkpoint_files(out_dir, cfg)
     return out_dir
