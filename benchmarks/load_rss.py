@@ -19,8 +19,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def main() -> None:
     import torch
 
-    from chatts_train.engine import build_model, init_process, load_ds_config
+    from chatts_train.dsconfig import load_ds_config
+    from chatts_train.engine import init_process
     from chatts_train.hostmem import peak_rss_gib, rss_gib
+    from chatts_train.loading import build_model
     from chatts_train.metrics import gather_named
     from chatts_train.modeling import load_model
 

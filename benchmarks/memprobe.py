@@ -26,9 +26,11 @@ GiB = 1024 ** 3
 
 
 def parse(argv=None) -> argparse.Namespace:
+    from chatts_train.dsconfig import OFFLOAD_CHOICES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-offload", action="store_true", help="same as --offload none")
-    p.add_argument("--offload", choices=["none", "param", "optimizer", "all"], default=None,
+    p.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
                    help="default: what --ds-config says")
     p.add_argument("--seq-len", type=int, default=4096, help="the worst-case sequence (the cutoff)")
     p.add_argument("--data", default=None,
@@ -43,7 +45,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--release", choices=["0801", "legacy"], default="0801", help="the 14B shape to build (no --model)")
     p.add_argument("--config", default=None, help="build this config.json's shape without weights (instead of --release)")
     p.add_argument("--ds-config", default=os.path.join(os.path.dirname(__file__), "..", "ds_config.json"))
-    p.add_argument("--compare-offload", choices=["none", "param", "optimizer", "all"], default=None,
+    p.add_argument("--compare-offload", choices=OFFLOAD_CHOICES, default=None,
                    help="run a second probe with this offload and report the step-time ratio (second / first)")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-steps per optimizer step in the probe")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps to run (the first one warms up)")
@@ -75,7 +77,7 @@ def probe_batch(seq_len: int, spec, vocab: int, answer: int = 64, seed: int = 0)
     import numpy as np
     import torch
 
-    from chatts_train.modeling import IGNORE_INDEX, TS_TOKEN_ID
+    from chatts_train.tokens import IGNORE_INDEX, TS_TOKEN_ID
     from chatts_train.processor import Encoded
     from chatts_train.timeseries import encoder_rows, normalise
 
@@ -114,9 +116,10 @@ def worker(a: argparse.Namespace) -> None:
     its own micro-step and token scale, on a synthetic batch of the probed length."""
     import torch
 
-    from chatts_train.collate import collate, pack
+    from chatts_train.batching import collate, pack
     from chatts_train.config import TrainConfig
-    from chatts_train.engine import describe_setup, init_process, load_ds_config, loss_scale, prepare_engine
+    from chatts_train.dsconfig import load_ds_config
+    from chatts_train.engine import describe_setup, init_process, loss_scale, prepare_engine
     from chatts_train.hostmem import host_need_gib, peak_rss_gib, rss_gib
     from chatts_train.loop import micro_step, step_token_scale
     from chatts_train.modeling import check_checkpoint
@@ -258,10 +261,10 @@ def run_probe(a: argparse.Namespace) -> dict:
     for r in range(a.num_gpus):
         path = os.path.join(out, f"rank{r}.json")
         ranks.append(json.load(open(path)) if os.path.exists(path) else {"rank": r, "ok": False, "error": "no result (killed after another rank's OOM, or crashed)"})
-    return summarise(a, ranks, time.time() - t0)
+    return summarise_probe(a, ranks, time.time() - t0)
 
 
-def summarise(a, ranks: list[dict], wall_s: float) -> dict:
+def summarise_probe(a, ranks: list[dict], wall_s: float) -> dict:
     from chatts_train.published import chatts_config
 
     ok = all(r.get("ok") for r in ranks)

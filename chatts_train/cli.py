@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from .errors import ChatTSTrainError
-from .modeling import TS_TOKEN_ID
+from .tokens import TS_TOKEN_ID
 
 
 def _inspect_data(args: argparse.Namespace) -> None:
@@ -21,7 +21,7 @@ def _inspect_data(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(rows, args.cutoff_len))
+        print(format_data_stats(rows, args.cutoff_len))
     for p in index.problems[:args.problems]:
         print(f"  {p}")
     if len(index.problems) > args.problems:
@@ -41,7 +41,7 @@ def _inspect_data(args: argparse.Namespace) -> None:
               f"answer tokens) ---\n{''.join(text)}")
 
 
-def format_table(rows: list[dict], cutoff_len: int) -> str:
+def format_data_stats(rows: list[dict], cutoff_len: int) -> str:
     def mm(d: dict) -> str:
         return f"{d['min']}/{d['median']}/{d['p95']}/{d['max']}"
 
@@ -86,6 +86,17 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged checkpoint written to {merge(args.model, args.adapter, args.out)}")
 
 
+def add_generation_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, help="ChatTS checkpoint folder")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder from training")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # the dataclass CLI owns all of train's options
@@ -116,8 +127,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--length", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_make_data)
-    from .generate import add_generation_args
-
     p = sub.add_parser("generate", help="answer questions about series with a model (+ adapter)")
     add_generation_args(p)
     p.add_argument("--data", default=None, help="JSONL with input/timeseries (output is kept as reference)")
@@ -126,13 +135,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", default=None, help="write answers as JSONL here (default: stdout)")
     p.set_defaults(fn=_generate)
     p = sub.add_parser("eval", help="generate on the held-out split and score it")
-    add_generation_args(p)
-    p.add_argument("--data", required=True)
+    add_generation_args(p, model_required=False)
+    p.add_argument("--run", default=None, help="a training output folder: its model, adapter and held-out split "
+                                               "(run.json); the options below are then not needed")
+    p.add_argument("--data", default=None)
     p.add_argument("--dataset_dir", default="data")
     p.add_argument("--cutoff_len", type=int, default=4096)
-    p.add_argument("--val_size", type=float, required=True, help="as in training (fraction or count)")
+    p.add_argument("--val_size", type=float, default=None, help="as in training (fraction or count)")
     p.add_argument("--seed", type=int, default=42, help="as in training")
-    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--out", default=None, help="default: RUN/eval with --run, else runs/eval")
     p.set_defaults(fn=_eval)
     p = sub.add_parser("merge", help="fold an adapter into the base and write a ChatTS checkpoint")
     p.add_argument("--model", required=True)

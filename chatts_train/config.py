@@ -1,9 +1,9 @@
-"""Run configuration as a plain dataclass that doubles as the command line (`--field value`)."""
+"""Run configuration as a plain dataclass that doubles as the command line (`--field value`), checked as a
+whole before anything starts."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import typing
+import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,39 +58,58 @@ class TrainConfig:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
 
-def _parse_bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = (None, "auto", "sdpa", "eager", "flash_attention_2")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--name` option per field, typed from the annotation, defaulting to the field's default."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        args = typing.get_args(kind)
-        if args and type(None) in args:  # Optional[X]
-            kind = next(a for a in args if a is not type(None))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, nargs="?", const=True,
-                                metavar="BOOL")
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default)
+def check_config(cfg: TrainConfig) -> None:
+    """Every problem of the configuration at once, before any process group or model load starts (the
+    DeepSpeed file and its overrides included): raises ConfigError."""
+    from .dsconfig import load_ds_config
+    from .errors import ChatTSTrainError, ConfigError
+
+    problems = []
+    try:
+        ds = load_ds_config(cfg.ds_config, 1, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
+        if cfg.packing and ds["train_micro_batch_size_per_gpu"] != 1:
+            problems.append(f"--packing joins samples into one row per micro-step: set the micro-batch to 1 "
+                            f"(got {ds['train_micro_batch_size_per_gpu']})")
+    except ChatTSTrainError as e:
+        problems.append(str(e))
+    if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
+        problems.append(f"--model_path {cfg.model_path}: no config.json there; point it at a ChatTS checkpoint folder")
+    if os.path.isfile(cfg.output_dir):
+        problems.append(f"--output_dir {cfg.output_dir} is a file; give a folder")
+    unknown = [t for t in cfg.lora_target_list if t not in LORA_TARGETS]
+    if unknown or not cfg.lora_target_list:
+        problems.append(f"--lora_targets {cfg.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")
+    if cfg.attn_implementation not in ATTENTION:
+        problems.append(f"--attn_implementation {cfg.attn_implementation!r}: use sdpa, eager or flash_attention_2")
+    for name, ok, need in (("lora_rank", cfg.lora_rank > 0, "> 0"), ("cutoff_len", cfg.cutoff_len > 0, "> 0"),
+                           ("learning_rate", cfg.learning_rate > 0, "> 0 (0 would train nothing)"),
+                           ("encoder_lr", cfg.encoder_lr is None or cfg.encoder_lr >= 0, ">= 0"),
+                           ("val_size", cfg.val_size >= 0, ">= 0"), ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+                           ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+                           ("num_epochs", cfg.num_epochs > 0 or cfg.max_steps > 0, "> 0 (or --max_steps > 0)"),
+                           ("save_steps", cfg.save_steps >= 0, ">= 0"), ("keep_checkpoints", cfg.keep_checkpoints >= 1, ">= 1")):
+        if not ok:
+            problems.append(f"--{name} {getattr(cfg, name)}: must be {need}")
+    if problems:
+        raise ConfigError(problems)
 
 
-def from_args(cls: type, namespace: argparse.Namespace):
-    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+def parse_config(cls: type, argv: Optional[list[str]] = None):
+    """The dataclass from the command line, through transformers' HfArgumentParser (typed `--field value`
+    options, booleans as `--flag` or `--flag false`); unknown options are an error, not ignored."""
+    from transformers import HfArgumentParser
+
+    from .errors import ConfigError
+
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]  # the launcher's
+    cfg, unknown = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise ConfigError([f"unknown option(s) {' '.join(unknown)}; see --help for the options"])
+    return cfg
 
 
-def parse_config(cls: type, argv: Optional[list[str]] = None, description: str = ""):
-    parser = argparse.ArgumentParser(description=description)
-    add_dataclass_args(parser, cls)
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
-    return from_args(cls, parser.parse_args(argv))
-
-
-__all__ = ["TrainConfig", "parse_config", "add_dataclass_args", "from_args"]
+__all__ = ["TrainConfig", "check_config", "parse_config"]

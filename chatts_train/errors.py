@@ -22,6 +22,15 @@ class DataError(ChatTSTrainError):
         super().__init__(message)
 
 
+class ConfigError(ChatTSTrainError):
+    """Options that cannot work together or at all: every problem found, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(problems[0] if len(problems) == 1 else
+                         "the run's configuration has problems:\n  " + "\n  ".join(problems))
+
+
 class TrainingError(ChatTSTrainError):
     """The run cannot go on (diverged, loss scale at its minimum, out of memory)."""
 

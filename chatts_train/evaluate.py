@@ -18,7 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import index_data, read_sample, resolve_sources, split
+from .errors import DataError
 from .generate import generate, load_for_inference
+from .runrecord import held_out_ids, read_run_record
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _WORD = re.compile(r"[A-Za-z]{2,}|[\u4e00-\u9fff]+")
@@ -62,7 +64,7 @@ def score(pred: str, ref: str) -> dict:
     return {"exact": exact(pred, ref), "keyword": keywords(pred, ref), "numeric": numeric(pred, ref)}
 
 
-def summarise(rows: list[dict]) -> dict[str, dict]:
+def score_by_dataset(rows: list[dict]) -> dict[str, dict]:
     """Per dataset (and "all"): samples and mean of each score (numeric over samples that have numbers)."""
     groups = defaultdict(list)
     for r in rows:
@@ -77,7 +79,7 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def format_table(summary: dict[str, dict]) -> str:
+def format_scores(summary: dict[str, dict]) -> str:
     lines = [f"{'dataset':<12}{'samples':>8}{'exact':>8}{'keyword':>9}{'numeric':>9}"]
     for name, s in summary.items():
         num = "-" if s["numeric"] is None else f"{s['numeric']:.3f}"
@@ -122,21 +124,37 @@ def evaluate_samples(model, processor, samples: list[dict], device, batch_size: 
 
 
 def write_report(rows: list[dict], out_dir: str) -> dict:
-    summary = summarise(rows)
+    summary = score_by_dataset(rows)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval_samples.jsonl"), "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     with open(os.path.join(out_dir, "eval_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(format_table(summary))
+    print(format_scores(summary))
     print(f"per-sample results in {os.path.join(out_dir, 'eval_samples.jsonl')}")
     return summary
 
 
 def run_eval(a: argparse.Namespace) -> dict:
-    """The eval split exactly as training made it (same data, cutoff, val_size and seed)."""
-    model, processor, device = load_for_inference(a.model, a.adapter, a.device)
-    index = index_data(resolve_sources(a.data, a.dataset_dir), processor, a.cutoff_len)
-    _, val_ids = split(index, a.val_size, a.seed)
+    """The held-out split exactly as training made it: from the run's record (`--run`), or re-created from
+    the same data, cutoff, val_size and seed."""
+    if a.run:
+        record = read_run_record(a.run)
+        t = record["train"]
+        model, processor, device = load_for_inference(a.model or t["model_path"],
+                                                      a.adapter or os.path.join(a.run, "adapter"), a.device)
+        index = index_data(resolve_sources(t["data"], t["dataset_dir"]), processor, t["cutoff_len"])
+        val_ids = held_out_ids(record, index)
+        out = a.out or os.path.join(a.run, "eval")
+    else:
+        missing = [f"--{k}" for k in ("model", "data", "val_size") if getattr(a, k) is None]
+        if missing:
+            raise DataError(f"eval needs --run RUN_DIR, or {', '.join(missing)} as in training")
+        model, processor, device = load_for_inference(a.model, a.adapter, a.device)
+        index = index_data(resolve_sources(a.data, a.dataset_dir), processor, a.cutoff_len)
+        _, val_ids = split(index, a.val_size, a.seed)
+        out = a.out or "runs/eval"
+    if not len(val_ids):
+        raise DataError("the run held out no samples (--val_size 0): nothing to evaluate")
     rows = evaluate_samples(model, processor, read_samples(index, val_ids), device, a.batch_size, a.max_new_tokens)
-    return write_report(rows, a.out)
+    return write_report(rows, out)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .collate import collate
+from .adapter import WEIGHTS, read_adapter
+from .batching import collate
 from .errors import CheckpointError, DataError
 from .modeling import ChatTSForCausalLM, load_model
 from .processor import ChatTSProcessor
@@ -22,18 +23,9 @@ from .processor import ChatTSProcessor
 def load_adapter(model: ChatTSForCausalLM, adapter_dir: str):
     """PEFT adapter on our model, with clear errors for a missing, corrupt or mismatched adapter."""
     from peft import PeftModel
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        if not os.path.isfile(os.path.join(adapter_dir, f)):
-            raise CheckpointError(f"{adapter_dir}: no {f}; point --adapter at a folder written by training "
-                                  f"(runs/.../adapter or checkpoints/step-N/adapter)")
-    try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights} is corrupt or truncated ({e}); use another checkpoint's adapter") from None
+    _, tensors = read_adapter(adapter_dir)
+    weights = os.path.join(adapter_dir, WEIGHTS)
     modules = dict(model.named_modules())
     for key, t in tensors.items():
         name = key.removeprefix("base_model.model.")
@@ -47,12 +39,6 @@ def load_adapter(model: ChatTSForCausalLM, adapter_dir: str):
                 raise CheckpointError(f"{weights}: `{key}` is {tuple(t.shape)}, which does not fit this model's "
                                       f"{name.split('.lora_')[0]} ({base.in_features} -> {base.out_features}); "
                                       f"the adapter was trained on another model shape")
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        rank = json.load(f).get("r")
-    a_shapes = {t.shape[0] for k, t in tensors.items() if ".lora_A" in k}
-    if a_shapes and a_shapes != {rank}:
-        raise CheckpointError(f"{adapter_dir}: adapter_config.json says rank {rank} but the weights have rank "
-                              f"{sorted(a_shapes)}; the files do not belong together")
     return PeftModel.from_pretrained(model, adapter_dir)
 
 
@@ -111,17 +97,6 @@ def read_jsonl(path: str) -> Iterable[dict]:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: invalid JSON ({e})") from None
-
-
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="ChatTS checkpoint folder")
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder from training")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
 def run_generate(a: argparse.Namespace) -> None:

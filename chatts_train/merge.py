@@ -7,33 +7,25 @@ tokenizer files are copied as they are.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .adapter import read_adapter
 from .errors import CheckpointError
 from .modeling import check_checkpoint
+from .weights import weight_map
 
 
 def adapter_deltas(adapter_dir: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict[str, torch.Tensor]]:
     """({base weight key: (A, B, scale)}, {base key: replacement tensor}) from a PEFT adapter folder."""
-    cfg_file = os.path.join(adapter_dir, "adapter_config.json")
-    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-    if not (os.path.isfile(cfg_file) and os.path.isfile(weights)):
-        raise CheckpointError(f"{adapter_dir}: needs adapter_config.json and adapter_model.safetensors")
-    with open(cfg_file) as f:
-        cfg = json.load(f)
+    cfg, tensors = read_adapter(adapter_dir)
     r, alpha = cfg["r"], cfg["lora_alpha"]
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    try:
-        tensors = load_file(weights)
-    except Exception as e:  # safetensors raises several types for truncated/corrupt files
-        raise CheckpointError(f"{weights} is corrupt or truncated ({e})") from None
     lora: dict[str, dict] = {}
     replace = {}
     for key, t in tensors.items():
@@ -46,7 +38,7 @@ def adapter_deltas(adapter_dir: str) -> tuple[dict[str, tuple[torch.Tensor, torc
     deltas = {}
     for k, ab in lora.items():
         if set(ab) != {"A", "B"}:
-            raise CheckpointError(f"{weights}: `{k}` has lora_{''.join(ab)} but not both A and B")
+            raise CheckpointError(f"{adapter_dir}: `{k}` has lora_{''.join(ab)} but not both A and B")
         deltas[k] = (ab["A"], ab["B"], scale)
     return deltas, replace
 
@@ -54,12 +46,7 @@ def adapter_deltas(adapter_dir: str) -> tuple[dict[str, tuple[torch.Tensor, torc
 def merge(model_path: str, adapter_dir: str, out_dir: str) -> str:
     check_checkpoint(model_path)
     deltas, replace = adapter_deltas(adapter_dir)
-    index_file = os.path.join(model_path, "model.safetensors.index.json")
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        shards = ["model.safetensors"]
+    shards = sorted(set(weight_map(model_path).values()))
     if os.path.abspath(out_dir) == os.path.abspath(model_path):
         raise CheckpointError("--out must differ from --model: the base checkpoint is never overwritten")
     os.makedirs(out_dir, exist_ok=True)

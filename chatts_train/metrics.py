@@ -76,7 +76,7 @@ class MetricsLog:
             self.tb.close()
 
 
-def summarise(rows: list[dict], wall_s: float, samples: int, first_step_s: Optional[float]) -> dict:
+def summarise_run(rows: list[dict], wall_s: float, samples: int, first_step_s: Optional[float]) -> dict:
     if not rows:
         return {"steps": 0, "wall_time_s": round(wall_s, 1)}
     world = len(rows[-1]["peak_allocated_gib"])
@@ -97,7 +97,7 @@ def summarise(rows: list[dict], wall_s: float, samples: int, first_step_s: Optio
     }
 
 
-def format_summary(s: dict) -> str:
+def format_run_summary(s: dict) -> str:
     lines = ["", "=== run summary ==="]
     lines += [f"{k:>28}: {v}" for k, v in s.items()]
     return "\n".join(lines)

@@ -24,11 +24,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import CheckpointError
 from .timeseries import TSSpec
+from .tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
 from .weights import weight_map
 
-IGNORE_INDEX = -100
-TS_TOKEN_ID = 151665
-TS_END_TOKEN_ID = 151666
 
 
 class ChatTSConfig(Qwen2Config):

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .collate import collate
+from .batching import collate
 from .errors import CheckpointError
-from .modeling import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID, read_chatts_config
+from .modeling import read_chatts_config
+from .tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
 from .timeseries import TS_PLACEHOLDER, TSSpec, encoder_rows, normalise, prefix
 
 SYSTEM_PROMPT = "You are a helpful assistant."

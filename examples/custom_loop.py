@@ -6,16 +6,14 @@ evaluation (held-out answer-token loss) every `--eval_every` optimizer steps.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 import torch.distributed as dist
 
-from chatts_train import (SampleReader, Schedule, TrainConfig, collate, index_on_rank0, init_process, load_ds_config,
-                          micro_step, prepare_engine, save_adapter, split, step_token_scale)
-from chatts_train.config import add_dataclass_args, from_args
-from chatts_train.processor import ChatTSProcessor
+from transformers import HfArgumentParser
+
+from chatts_train import SampleReader, TrainConfig, collate, micro_step, save_adapter, setup, step_token_scale
 
 
 @torch.no_grad()
@@ -35,37 +33,26 @@ def held_out_loss(engine, reader, ids, pad_id, device) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    add_dataclass_args(parser, TrainConfig)
+    parser = HfArgumentParser(TrainConfig)  # TrainConfig's options, plus this loop's own
     parser.add_argument("--eval_every", type=int, default=20)
-    parser.add_argument("--local_rank", type=int, default=-1)
-    args = parser.parse_args()
-    cfg = from_args(TrainConfig, args)
+    parser.add_argument("--local_rank", type=int, default=-1)  # set by the launcher
+    cfg, args = parser.parse_args_into_dataclasses()
 
-    # train()'s own set-up: process group, DeepSpeed config, and the engine in training mode
-    rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
-    ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
-    mb, ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    processor = ChatTSProcessor.from_pretrained(cfg.model_path)
-    index = index_on_rank0(cfg, processor)
-    train_ids, val_ids = split(index, cfg.val_size, cfg.seed)
-    schedule = Schedule(index, train_ids, cfg.seed, mb, world, ga)
-    total = schedule.total_steps(cfg.num_epochs, cfg.max_steps)
-    engine, hf_ds = prepare_engine(cfg, ds, total)
-    reader, pad_id = SampleReader(index, processor), processor.tokenizer.pad_token_id
+    run = setup(cfg)  # train()'s own set-up: config check, data, run record, engine in training mode
+    engine, device, world, ga = run.engine, run.device, run.world, run.sampler.grad_accum
+    reader, pad_id = SampleReader(run.index, run.processor), run.processor.tokenizer.pad_token_id
 
-    for step in range(total):
-        batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in schedule.micro_batches(step, rank)]
+    for step in range(run.start_step, run.total_steps):
+        batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in run.sampler.micro_batches(step, run.rank)]
         token_scale, tokens = step_token_scale(batches, ga, world, device)
         loss = torch.tensor([sum(micro_step(engine, {k: v.to(device) for k, v in b.items()}, token_scale)[0]
                                  for b in batches)], device=device)
         dist.all_reduce(loss)
-        if len(val_ids) and ((step + 1) % args.eval_every == 0 or step + 1 == total):
-            val = held_out_loss(engine, reader, val_ids, pad_id, device)  # leaves the engine in training mode
-            if rank == 0:
+        if len(run.val_ids) and ((step + 1) % args.eval_every == 0 or step + 1 == run.total_steps):
+            val = held_out_loss(engine, reader, run.val_ids, pad_id, device)  # leaves the engine in training mode
+            if run.rank == 0:
                 print(f"step {step + 1}: train loss {loss.item() / tokens:.4f}, held-out loss {val:.4f}", flush=True)
     save_adapter(engine.module, os.path.join(cfg.output_dir, "adapter"))
-    del hf_ds
 
 
 if __name__ == "__main__":

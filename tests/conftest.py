@@ -13,6 +13,24 @@ from chatts_train.standins.synthetic import write_datasets, write_series_task
 torch.set_num_threads(2)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", help="also run the multi-process tests (minutes), as CI does")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts DeepSpeed processes (tens of seconds each); runs with --all")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default run is the fast one (single process, under a minute); `--all` adds the slow ones."""
+    if config.getoption("--all"):
+        return
+    later = pytest.mark.skip(reason="multi-process: runs with --all (CI runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(later)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Tiny checkpoints of both releases: {"0801": path, "legacy": path}."""
@@ -31,7 +49,7 @@ def synthetic(tmp_path_factory):
 
 
 SCENARIOS = ("interrupted_and_resumed,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed,robustness,"
-             "training_mode_and_setup,loader_matches_transformers")
+             "training_mode_and_setup,loader_matches_transformers,loss_weighting")
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 from chatts_train import (TrainConfig, build_model, describe_setup, load_ds_config, load_resume, micro_step,
-                          prepare_engine, train)
+                          prepare_engine, step_token_scale, train)
 from chatts_train.engine import decoder_layers
-from chatts_train.collate import collate
-from chatts_train.errors import TrainingError
+from chatts_train.batching import collate
+from chatts_train.data import index_data, resolve_sources
+from chatts_train.errors import CheckpointError, TrainingError
 from chatts_train.modeling import load_model
 from chatts_train.processor import ChatTSProcessor
 
@@ -98,7 +99,15 @@ def interrupted_and_resumed():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     cut_rows = rows(cut_dir)
     train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3, resume=True))
+    try:  # resuming with other settings would not continue the same run
+        train(base_cfg(data=data, ds_config=ds, output_dir=cut_dir, max_steps=5, learning_rate=2e-3, resume=True,
+                       seed=7, grad_accum=4))
+        changed = "no error"
+    except CheckpointError as e:
+        changed = str(e)
+    index = index_data(resolve_sources(data), ChatTSProcessor.from_pretrained(CKPT), 4096)
     return {"full_summary": full, "engine_counts": calls, "stopped": stopped, "rows_before_resume": len(cut_rows),
+            "task_samples": len(index), "resume_changed": changed, "task_positions": int(index.length.sum()),
             "full": rows(full_dir), "resumed": rows(cut_dir),
             "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}
 
@@ -154,6 +163,56 @@ def loader_matches_transformers():
     return diffs
 
 
+def loss_weighting():
+    """The token scale: 2 ranks x accumulation 4 under ZeRO-3 with plain SGD make the same LoRA update as one
+    process taking the mean over all answer tokens of the same 8 samples (of different answer lengths)."""
+    import deepspeed
+
+    from chatts_train.adapter import trainable_state_dict
+    from chatts_train.lora import add_lora
+
+    processor = ChatTSProcessor.from_pretrained(CKPT)
+    pad = processor.tokenizer.pad_token_id
+    rng = np.random.default_rng(3)
+    samples = [processor.encode_chat("<ts><ts/> What happens here?", [rng.normal(size=60 + 9 * k)],
+                                     " ".join(["a level shift"] * (1 + 3 * (k % 3)))) for k in range(8)]
+    cfg = base_cfg()
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4, "train_batch_size": 8,
+          "gradient_clipping": 0.0, "fp16": {"enabled": False}, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    model, hf_ds = build_model(CKPT, ds)
+    model = add_lora(model, cfg)
+    torch.manual_seed(0)  # B != 0, so that A gets gradients too (DeepSpeed broadcasts rank 0's values)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config=ds)
+    engine.train()
+    before = trainable_state_dict(engine.module)
+    mine = [collate([s], pad) for s in samples[dist.get_rank() * 4:dist.get_rank() * 4 + 4]]
+    scale, total = step_token_scale(mine, 4, dist.get_world_size(), engine.device)
+    for b in mine:
+        micro_step(engine, b, scale)
+    after = trainable_state_dict(engine.module)
+    out = {"optimizer_steps": engine.global_steps, "answer_tokens": total}
+    del engine, hf_ds  # ZeRO-3 off again: rank 0 alone loads the reference model
+    if dist.get_rank() == 0:
+        ref = add_lora(load_model(CKPT, dtype=torch.float32), cfg, gradient_checkpointing=False)
+        ref.load_state_dict(before, strict=False)
+        losses = [ref(**collate([s], pad)) for s in samples]
+        token_mean = sum(o.loss_sum for o in losses) / sum(o.num_tokens for o in losses)
+        grads = torch.autograd.grad(token_mean, [p for p in ref.parameters() if p.requires_grad])
+        names = [n for n, p in ref.named_parameters() if p.requires_grad]
+        expected = dict(zip(names, (-g for g in grads)))  # SGD, lr 1
+        ours = {n: after[n] - before[n] for n in names}
+        out["max_abs_err"] = max(float((ours[n] - expected[n]).abs().max()) for n in names)
+        out["max_update"] = max(float(expected[n].abs().max()) for n in names)
+        out["expected_tokens"] = int(sum(o.num_tokens for o in losses))
+    dist.barrier()
+    return out
+
+
 def packed():
     """--packing: several samples per micro-step; the run completes with finite, falling loss."""
     ds = ds_config(os.path.join(OUT, "ds_fp32.json"))
@@ -199,14 +258,15 @@ def eval_losses(model, processor, samples, device) -> list[float]:
 
 
 def adapter_reproduces_engine():
-    """Rebuild the engine from the final resume checkpoint (partitioned over 2 ranks) and compare its
-    outputs with rank 0's plain base model + the saved adapter via PeftModel.from_pretrained."""
+    """Train 5 steps, rebuild the engine from the final resume checkpoint (partitioned over 2 ranks) and
+    compare its outputs with rank 0's plain base model + the saved adapter via PeftModel.from_pretrained."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    full_dir = os.path.join(OUT, "full")
-    cfg = base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=os.path.join(OUT, "ds_fp32.json"),
-                   output_dir=full_dir, max_steps=5)
+    full_dir = os.path.join(OUT, "adapter_run")
+    cfg = base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=ds_config(os.path.join(OUT, "ds_fp32.json")),
+                   output_dir=full_dir, max_steps=5, learning_rate=2e-3)
+    train(cfg)
     ds = load_ds_config(cfg.ds_config, dist.get_world_size(), fp16=False, offload="none")
     processor = ChatTSProcessor.from_pretrained(CKPT)
     engine, hf_ds = prepare_engine(cfg, ds, total_steps=5)
@@ -250,7 +310,7 @@ def learns_from_series():
                    eval_max_new_tokens=4))
     res = {}
     if dist.get_rank() == 0:
-        from chatts_train.data import index_data, resolve_sources, split
+        from chatts_train.data import split
 
         processor = ChatTSProcessor.from_pretrained(CKPT)
         with open(os.path.join(OUT, "learn.jsonl")) as f:
@@ -277,6 +337,17 @@ def learns_from_series():
                                                               for k in range(len(val))])),
                    "rows": rows(out_dir),
                    "eval_at_end": json.load(open(os.path.join(out_dir, "eval", "eval_summary.json")))}
+        # `chatts-train eval --run DIR`: model, adapter and held-out split from the run's record alone
+        from argparse import Namespace
+
+        from chatts_train.evaluate import run_eval
+
+        res["eval_run"] = run_eval(Namespace(run=out_dir, model=None, adapter=None, device="cpu", batch_size=8,
+                                             max_new_tokens=4, out=os.path.join(OUT, "eval_run")))
+        with open(os.path.join(out_dir, "eval", "eval_samples.jsonl")) as f:
+            at_end = sorted((r["line"], r["prediction"]) for r in map(json.loads, f))
+        with open(os.path.join(OUT, "eval_run", "eval_samples.jsonl")) as f:
+            res["eval_run_same_answers"] = at_end == sorted((r["line"], r["prediction"]) for r in map(json.loads, f))
     dist.barrier()
     return res
 

@@ -125,20 +125,20 @@ def test_inspect_data_cli_prints_the_table(synthetic, tiny):
 
 
 def test_schedule_and_packing_plan(synthetic, processors):
-    from chatts_train.schedule import Schedule, pack_plan
+    from chatts_train.sampler import Sampler, pack_plan
 
     index = index_data(resolve_sources("gdsh,hbsn,whlj,zhlh", synthetic), processors["0801"], 8192)
     tr, _ = split(index, 0, seed=0)
     packs = pack_plan(index.length, epoch_order(index, tr, 0, 0), 4096)
     assert sorted(np.concatenate(packs).tolist()) == sorted(tr.tolist())  # every sample once per epoch
     assert all(index.length[p].sum() <= 4096 for p in packs) and len(packs) < len(tr)
-    s = Schedule(index, tr, seed=0, micro_batch=1, world=2, grad_accum=2, pack_to=4096)
+    s = Sampler(index, tr, seed=0, micro_batch=1, world=2, grad_accum=2, pack_to=4096)
     steps0 = s.steps_in_epoch(0)
     assert s.locate(steps0) == (1, 0) and s.total_steps(2.0) == steps0 + s.steps_in_epoch(1)
     first = [s.micro_batches(0, r) for r in (0, 1)]
     assert sorted(p.tolist() for p in first[0] + first[1]) == sorted(p.tolist() for p in packs[:4])
-    again = Schedule(index, tr, seed=0, micro_batch=1, world=2, grad_accum=2, pack_to=4096)
+    again = Sampler(index, tr, seed=0, micro_batch=1, world=2, grad_accum=2, pack_to=4096)
     assert [p.tolist() for p in again.micro_batches(steps0 - 1, 1)] == [p.tolist() for p in s.micro_batches(steps0 - 1, 1)]
-    plain = Schedule(index, tr, seed=0, micro_batch=2, world=2, grad_accum=2)
+    plain = Sampler(index, tr, seed=0, micro_batch=2, world=2, grad_accum=2)
     assert plain.steps_in_epoch(0) == -(-len(tr) // 8)
     assert all(len(ids) <= 2 for ids in plain.micro_batches(0, 0))

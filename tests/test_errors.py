@@ -3,9 +3,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
+@pytest.mark.slow
 def test_an_oom_on_rank_1_only_reaches_the_user_with_its_rank(tiny, tmp_path):
     data = tmp_path / "task.jsonl"
     from chatts_train.standins.synthetic import write_series_task

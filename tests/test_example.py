@@ -3,9 +3,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
+@pytest.mark.slow
 def test_custom_loop_example_trains_evaluates_and_saves(tiny, tmp_path):
     from chatts_train.standins.synthetic import write_series_task
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from chatts_train.collate import collate
+from chatts_train.batching import collate
 from chatts_train.errors import CheckpointError
-from chatts_train.evaluate import keywords, numeric, score, summarise
+from chatts_train.evaluate import keywords, numeric, score, score_by_dataset
 from chatts_train.generate import generate, load_adapter, load_for_inference
 from chatts_train.merge import merge
 from chatts_train.modeling import load_model
@@ -111,7 +111,7 @@ def test_scoring_cases():
     assert numeric("about 250", "about 100") == 0.0  # clipped at 0
     assert numeric("no number", "value 5") == 0.0
     assert numeric("anything", "no numbers here") is None
-    s = summarise([{"dataset": "a", "exact": 1.0, "keyword": 1.0, "numeric": None},
+    s = score_by_dataset([{"dataset": "a", "exact": 1.0, "keyword": 1.0, "numeric": None},
                    {"dataset": "b", "exact": 0.0, "keyword": 0.5, "numeric": 0.8}])
     assert s["all"] == {"samples": 2, "exact": 0.5, "keyword": 0.75, "numeric": 0.8, "numeric_samples": 1}
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import memprobe  # noqa: E402
@@ -18,6 +20,7 @@ def probe(*args: str, port: str) -> dict:
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, processors, tmp_path):
     from chatts_train.data import index_data, resolve_sources
 
@@ -38,6 +41,7 @@ def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, proces
     assert rep["host_need"]["pinned_partition_gib"] == 0 and rep["host_need"]["per_rank_gib"] > 0
 
 
+@pytest.mark.slow
 def test_probe_sets_up_exactly_what_train_runs(tiny, results):
     """memprobe's engine, loaded from the folder or built from its config.json alone, is in the state train()'s
     engine is in at its first micro-step: training mode, checkpointing, dtypes, the same trainable weights."""
@@ -69,19 +73,19 @@ def _rank(r, **kw):
 
 def test_verdicts_and_config(tmp_path):
     a = _args(tmp_path)
-    fits = memprobe.summarise(a, [_rank(0), _rank(1)], 60)
+    fits = memprobe.summarise_probe(a, [_rank(0), _rank(1)], 60)
     assert fits["verdict"].startswith("offload can go") and fits["card"] == "H100"
     assert 0 < fits["mfu"] < fits["hfu"] < 1
     assert fits["estimated_job_s"] == round(421 * 3 / 2 * 1.0)  # samples x epochs / GPUs x micro-step time
     memprobe.write_config(a, fits)
     assert "offload_param" not in json.load(open(a.write_config))["zero_optimization"]
 
-    over = memprobe.summarise(a, [_rank(0), _rank(1, device_peak_gib=21.5)], 60)
+    over = memprobe.summarise_probe(a, [_rank(0), _rank(1, device_peak_gib=21.5)], 60)
     assert over["verdict"].startswith("keep offload") and "21.5" in over["verdict"]
     memprobe.write_config(a, over)
     assert "offload_param" in json.load(open(a.write_config))["zero_optimization"]  # the users' config kept
 
-    oom = memprobe.summarise(a, [{"rank": 0, "ok": False, "oom": True, "micro_steps": 1, "offload": "none"},
+    oom = memprobe.summarise_probe(a, [{"rank": 0, "ok": False, "oom": True, "micro_steps": 1, "offload": "none"},
                                  {"rank": 1, "ok": False, "error": "no result"}], 60)
     assert oom["verdict"].startswith("does NOT fit: out of memory after 0 micro-steps")
     assert "shorter --cutoff_len" in oom["verdict"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatts_train.collate import collate, pack
+from chatts_train.batching import collate, pack
 from chatts_train.errors import CheckpointError
 from chatts_train.modeling import ChatTSForCausalLM, load_model
 from chatts_train.published import chatts_config
@@ -168,7 +168,7 @@ def test_checkpoint_round_trip_and_errors(tiny, tmp_path):
 
 def test_lora_targets_and_encoder_options(tiny):
     from chatts_train.config import TrainConfig
-    from chatts_train.engine import add_lora
+    from chatts_train.lora import add_lora
 
     def lora_modules(**kw):
         model = add_lora(load_model(tiny["0801"], dtype=torch.float32), TrainConfig(**kw), gradient_checkpointing=False)

@@ -3,6 +3,8 @@ import math
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 
 def scenario(results, name):
     r = results[name]
@@ -19,7 +21,8 @@ def test_loss_falls_and_steps_are_micro_steps_over_accumulation(results):
     assert full[0]["epoch"] == pytest.approx(1 / 3, abs=1e-3)
     assert full[-1]["loss"] < full[0]["loss"]
     assert all(x["skipped"] == 0 and x["answer_tokens"] > 0 for x in full)
-    assert r["full_summary"]["tokens"] == sum(x["tokens"] for x in full)
+    # steps 1-3 are exactly one epoch: every one of the 48 samples once, all its positions counted
+    assert r["task_samples"] == 48 and sum(x["tokens"] for x in full[:3]) == r["task_positions"]
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(results):
@@ -32,6 +35,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(results):
         assert a["lr"] == pytest.approx(b["lr"])
         assert a["answer_tokens"] == b["answer_tokens"]
     assert "step-5" in r["ckpts"] and not any(c.endswith(".tmp") for c in r["ckpts"])
+    assert "would not continue the same run" in r["resume_changed"]
+    assert "gradient_accumulation_steps 8 -> 4" in r["resume_changed"] and "--seed 42 -> 7" in r["resume_changed"]
 
 
 def test_saved_adapter_reproduces_the_trained_model(results):
@@ -54,6 +59,8 @@ def test_model_learns_from_the_series(results):
     assert r["shuffled"] <= 0.7 and r["shuffled"] <= r["accuracy"] - 0.2, r
     # --eval_at_end generated on the 32 held-out samples under ZeRO-3 (synced over both ranks) and scored them
     assert r["eval_at_end"]["all"]["samples"] == 32
+    # `eval --run DIR` finds the same model, adapter and 32 held-out samples from run.json alone
+    assert r["eval_run"]["all"]["samples"] == 32 and r["eval_run_same_answers"]
 
 
 def test_fp16_dynamic_loss_scaling_is_active(results):
@@ -98,3 +105,11 @@ def test_partitions_read_from_the_shards_equal_transformers_loader(results):
     for variant in ("persistence_0", "persistence_default", "offload_param"):
         assert r[variant]["params"] == 38 and r[variant]["abs_sum"] > 1.0, r
         assert r[variant]["max_abs_diff"] == 0.0, (variant, r[variant])
+
+
+def test_loss_is_the_token_mean_over_ranks_and_micro_steps(results):
+    r = scenario(results, "loss_weighting")
+    assert r["optimizer_steps"] == 1 and r["answer_tokens"] == r["expected_tokens"]
+    # the same update as one process over the 8 samples; a wrong token scale (a constant factor, or a mean of
+    # per-sample means with answers of 4 to 28 tokens) would be off by far more than this
+    assert r["max_update"] > 1e-3 and r["max_abs_err"] < 1e-3 * r["max_update"], r

@@ -31,7 +31,7 @@ def pack_plan(lengths: np.ndarray, order: np.ndarray, cutoff: int) -> list[np.nd
     return packs
 
 
-class Schedule:
+class Sampler:
     def __init__(self, index: DataIndex, train_ids: np.ndarray, seed: int, micro_batch: int, world: int,
                  grad_accum: int, pack_to: int = 0):
         self.index, self.train_ids, self.seed = index, train_ids, seed

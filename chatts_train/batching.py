@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .modeling import IGNORE_INDEX, TS_TOKEN_ID
+from .tokens import IGNORE_INDEX, TS_TOKEN_ID
 
 
 def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

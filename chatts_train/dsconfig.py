@@ -1,0 +1,72 @@
+"""The DeepSpeed config of a run: the JSON file, checked, with the run's overrides applied."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from .errors import TrainingError
+
+OFFLOAD_CHOICES = ("none", "param", "optimizer", "all")
+
+
+def read_ds_config(path: str) -> dict:
+    """The DeepSpeed JSON as it is on disk, or a one-line error saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise TrainingError(f"--ds_config {path}: no such file (the project ships ds_config.json in its root)")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except ValueError as e:
+        raise TrainingError(f"--ds_config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise TrainingError(f"--ds_config {path}: expected a JSON object, found {type(ds).__name__}")
+    return ds
+
+
+def load_ds_config(path: str, world_size: int, micro_batch: Optional[int] = None, grad_accum: Optional[int] = None,
+                   fp16: Optional[bool] = None, offload: Optional[str] = None) -> dict:
+    """The run's DeepSpeed config: the JSON with the run's overrides (micro-batch, accumulation, fp16,
+    offload) applied, so the batch sizes always add up. The one place where the two meet; every problem
+    found is reported at once."""
+    ds = read_ds_config(path)
+    problems = []
+    sizes = {}
+    for key, override in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", grad_accum)):
+        value = ds.get(key)
+        value = override if override is not None else (1 if value in (None, "auto") else value)  # "auto": ours
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{key} must be a positive integer, got {value!r}")
+            value = 1
+        sizes[key] = value
+    ds.update(sizes, train_batch_size=sizes["train_micro_batch_size_per_gpu"]
+              * sizes["gradient_accumulation_steps"] * world_size)
+    if fp16 is not None:
+        ds.setdefault("fp16", {})["enabled"] = fp16
+    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
+        problems.append("fp16 and bf16 are both enabled; pick one")
+    zero = ds.setdefault("zero_optimization", {})
+    if offload is not None and offload not in OFFLOAD_CHOICES:
+        problems.append(f"--offload {offload!r}: choose one of {', '.join(OFFLOAD_CHOICES)}")
+    elif offload is not None:
+        zero.pop("offload_param", None)
+        zero.pop("offload_optimizer", None)
+        if offload in ("param", "all"):
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        if offload in ("optimizer", "all"):
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if zero.get("offload_param") and zero.get("stage") != 3:
+        problems.append("offload_param needs ZeRO stage 3")
+    if problems:
+        raise TrainingError(f"DeepSpeed config {path}: " + "; ".join(problems))
+    return ds
+
+
+def precision(ds: dict) -> torch.dtype:
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float32

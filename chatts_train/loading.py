@@ -1,0 +1,59 @@
+"""The model for training: built under ZeRO-3 so no rank holds all of it, each rank filling its own
+partitions from the checkpoint (or, for probes, the shape alone with random values)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import deepspeed
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.modeling_utils import no_init_weights
+
+from .dsconfig import precision
+from .hostmem import partitions_pinned_in_chunks
+from .modeling import ChatTSConfig, ChatTSForCausalLM, check_checkpoint, load_model, pick_attention
+from .weights import load_into_partitions
+
+
+def build_model(model_path: Optional[str], ds: dict, attn_implementation: Optional[str] = None,
+                config: Optional[ChatTSConfig] = None) -> tuple[ChatTSForCausalLM, Optional[HfDeepSpeedConfig]]:
+    """The ChatTS model in the run's dtype. Under ZeRO-3 it is built inside `zero.Init` (each rank
+    materialises only its partition) and each rank reads its partition straight from the checkpoint
+    (`weights.py`). With `config` (the path is then unused): the shape alone, filled with small random values
+    (memory and speed probes: values do not matter there, NaNs from uninitialised memory would).
+
+    Keep the returned `HfDeepSpeedConfig` alive as long as the model: transformers holds it by weakref."""
+    dtype = precision(ds)
+    zero3 = ds.get("zero_optimization", {}).get("stage") == 3
+    hf_ds = HfDeepSpeedConfig(ds) if zero3 else None
+    attn = pick_attention(attn_implementation)
+    shape_only = config is not None
+    if not shape_only and not zero3:
+        return load_model(model_path, dtype=dtype, attn_implementation=attn), hf_ds
+    if not shape_only:
+        config = check_checkpoint(model_path)
+    config._attn_implementation = attn
+    with no_init_weights():
+        if zero3:
+            # No dtype argument: DeepSpeed 0.18 then takes it from the config (fp16 / bf16 / fp32), whereas an
+            # explicit one is ignored on accelerators without fp16 (the CPU: bf16 instead of fp32).
+            with partitions_pinned_in_chunks(), deepspeed.zero.Init(config_dict_or_path=ds):
+                model = ChatTSForCausalLM(config)
+        else:
+            model = ChatTSForCausalLM(config).to(dtype)
+    if shape_only:
+        fill_random(model)
+    else:
+        load_into_partitions(model, model_path)
+    return model, hf_ds
+
+
+def fill_random(model: torch.nn.Module) -> None:
+    """Small random values, cheaply: each rank fills only its own ZeRO-3 partition, where it lives."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+            if n.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.uniform_(-0.02, 0.02)

@@ -1,0 +1,174 @@
+"""Everything of a training run before its first step (`setup`) and after its last (`finish`): `train()`
+in loop.py is what happens in between."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import latest_resume, load_resume
+from .config import TrainConfig, check_config
+from .data import DataIndex, describe, index_data, resolve_sources, split
+from .dsconfig import load_ds_config, precision
+from .engine import describe_setup, init_process, loss_scale, prepare_engine
+from .errors import CheckpointError
+from .evaluate import evaluate_samples, read_samples, write_report
+from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
+from .metrics import format_run_summary, gather_named, plot, summarise_run
+from .processor import ChatTSProcessor
+from .ranks import rank0_print
+from .runrecord import RECORD, read_run_record, resume_changes, write_run_record
+from .sampler import Sampler
+from .weights import checkpoint_bytes
+
+
+@dataclass
+class Run:
+    """The pieces of one training run, as `setup` hands them to the loop."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    ds: dict
+    processor: ChatTSProcessor
+    index: DataIndex
+    val_ids: np.ndarray
+    sampler: Sampler
+    total_steps: int
+    engine: object  # deepspeed.DeepSpeedEngine
+    hf_ds: object  # keeps transformers' ZeRO-3 config alive as long as the engine
+    start_step: int
+    started: float
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.cfg.output_dir, "checkpoints")
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the configuration, start the process group, index the data, write the run record, load the
+    model into a training engine and resume. What can fail without the model fails before loading it."""
+    started = time.time()
+    check_config(cfg)  # every problem at once, before any process group
+    rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
+    ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
+    mb, ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    processor = ChatTSProcessor.from_pretrained(cfg.model_path)
+    index = index_on_rank0(cfg, processor)
+    train_ids, val_ids = split(index, cfg.val_size, cfg.seed)
+    sampler = Sampler(index, train_ids, cfg.seed, mb, world, ga, pack_to=cfg.cutoff_len if cfg.packing else 0)
+    total_steps = sampler.total_steps(cfg.num_epochs, cfg.max_steps)
+    report_data(index, len(train_ids), len(val_ids), sampler, cfg, total_steps)
+
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    if cfg.resume:
+        if latest_resume(ckpt_root) is None:
+            raise CheckpointError(f"--resume: no checkpoint in {ckpt_root} (expected {ckpt_root}/latest)")
+        if os.path.isfile(os.path.join(cfg.output_dir, RECORD)):
+            changes = resume_changes(read_run_record(cfg.output_dir), cfg, ds, world, index)
+            if changes:
+                raise CheckpointError(f"--resume would not continue the same run: {'; '.join(changes)}. Resume "
+                                      f"with the run's settings, or start a new run in another --output_dir")
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if not cfg.resume:
+            write_run_record(cfg, ds, world, index, val_ids)
+    dist.barrier()
+
+    report_host_need(cfg.model_path, ds, world)
+    engine, hf_ds = prepare_engine(cfg, ds, total_steps)
+    report_model(cfg, ds, engine, rank, device)
+    start_step = 0
+    if cfg.resume:
+        start_step, _ = load_resume(engine, ckpt_root)
+        engine.train()
+        rank0_print(f"[resume] continuing at optimizer step {start_step}")
+    return Run(cfg, rank, world, device, ds, processor, index, val_ids, sampler, total_steps, engine, hf_ds,
+               start_step, started)
+
+
+def index_on_rank0(cfg: TrainConfig, processor: ChatTSProcessor) -> DataIndex:
+    """Rank 0 reads and checks the data once; the others get the index (or the error) from it."""
+    payload: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = index_data(resolve_sources(cfg.data, cfg.dataset_dir), processor, cfg.cutoff_len,
+                                    cfg.strict_data)
+        except Exception as e:  # every rank must raise it, or the others wait here forever
+            payload[0] = e
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], Exception):
+        raise payload[0]
+    return payload[0]
+
+
+def report_data(index: DataIndex, n_train: int, n_val: int, sampler: Sampler, cfg: TrainConfig, total_steps: int) -> None:
+    for d in describe(index):
+        rank0_print(f"[data] {d['dataset']}: kept {d['kept']}, dropped {d['dropped'] or 'none'}, "
+                    f"seq_len {d['seq_len']}, answer tokens {d['answer_tokens']}")
+    if index.problems:
+        rank0_print(f"[data] skipped {len(index.problems)} bad samples, e.g. {index.problems[0]} "
+                    f"(--strict_data to stop instead)")
+    rank0_print(f"[data] {n_train} train / {n_val} eval samples in {len(sampler.epoch_plan(0))} micro-batches"
+                f"{' packed up to ' + str(cfg.cutoff_len) + ' positions' if cfg.packing else ''}; "
+                f"{sampler.steps_in_epoch(0)} optimizer steps per epoch of {sampler.grad_accum} x {sampler.world} "
+                f"micro-batches; {total_steps} steps in all")
+
+
+def report_host_need(model_path: str, ds: dict, world: int) -> None:
+    """Say what host RAM the run needs before the (minutes-long) load, and warn when the node lacks it."""
+    need = host_need_gib(checkpoint_bytes(model_path), ds, world)
+    available, total = node_memory_gib()
+    pinned = (f"{need['pinned_partition_gib']:.1f} GiB of it the pinned partition of the frozen weights"
+              if need["pinned_partition_gib"] else "no parameter offload, so no pinned weights")
+    rank0_print(f"[host] this node needs ~{need['node_gib']:.0f} GiB of RAM: {need['ranks_on_node']} ranks x "
+                f"~{need['per_rank_gib']:.1f} GiB ({pinned}); available {available:.0f} of {total:.0f} GiB")
+    if need["node_gib"] > available:
+        # A warning, not a refusal: memory-ballooned VMs report less than they can grow to.
+        rank0_print(f"[host] warning: that is more than the {available:.0f} GiB available; the load may be OOM-killed. "
+                    f"Options: --offload none (check it fits: benchmarks/memprobe.py --no-offload), more GPUs, "
+                    f"or a machine with more RAM")
+
+
+def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.device) -> None:
+    """What the step will run with, on screen and in `setup.json`, with each rank's RSS after loading."""
+    setup = describe_setup(engine)
+    rss = gather_named({"rss": rss_gib(), "peak": peak_rss_gib()}, device)
+    rank0_print(f"[model] {cfg.model_path}: attention {setup['attention']}, dtype {precision(ds)}, "
+                f"ZeRO stage {setup['zero_stage']}, offload param {setup['offload_param']} / optimizer "
+                f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable "
+                f"{setup['trainable_numel'] / 1e6:.2f} M, checkpointed layers {setup['checkpointed_layers']}/"
+                f"{setup['decoder_layers']}, loss scale {loss_scale(engine):g}")
+    rank0_print("[host] RSS after load per rank: " + ", ".join(f"{r['rss']:.1f} GiB (peak {r['peak']:.1f})" for r in rss))
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "setup.json"), "w") as f:
+            json.dump({**setup, "host_rss_after_load_gib": [round(r["rss"], 2) for r in rss],
+                       "host_peak_after_load_gib": [round(r["peak"], 2) for r in rss]}, f, indent=2)
+
+
+def finish(run: Run, rows: list[dict], samples_seen: int, first_step_s: Optional[float]) -> dict:
+    """After the last step: the held-out score (--eval_at_end), the summary, the plot."""
+    cfg = run.cfg
+    if cfg.eval_at_end and len(run.val_ids):
+        run.engine.eval()
+        scored = evaluate_samples(run.engine.module, run.processor, read_samples(run.index, run.val_ids), run.device,
+                                  max_new_tokens=cfg.eval_max_new_tokens, rank=run.rank, world=run.world)
+        run.engine.train()
+        if run.rank == 0:
+            write_report(scored, os.path.join(cfg.output_dir, "eval"))
+    summary = summarise_run(rows, time.time() - run.started, samples_seen, first_step_s)
+    if run.rank == 0:
+        summary["adapter"] = os.path.join(cfg.output_dir, "adapter")
+        if cfg.plot:
+            summary["plot"] = plot(rows, os.path.join(cfg.output_dir, "training.png"))
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        rank0_print(format_run_summary(summary))
+    return summary

@@ -1,0 +1,74 @@
+"""The run folder as the record of a run (`run.json`): the resolved configuration and DeepSpeed dict, the
+world size, the held-out samples and the data files as they were. `--resume` checks against it, and
+`chatts-train eval --run DIR` takes its split from it instead of asking for data, cutoff, val_size and seed."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from .config import TrainConfig
+from .data import DataIndex
+from .errors import CheckpointError
+
+RECORD = "run.json"
+
+
+def sample_names(index: DataIndex, ids: np.ndarray) -> list[str]:
+    """`file:line` of each sample: stable across re-indexing, readable by a person."""
+    return [f"{index.sources[index.source[i]].path}:{index.line[i]}" for i in ids]
+
+
+def data_files(index: DataIndex) -> dict[str, dict]:
+    return {s.path: {"bytes": os.path.getsize(s.path), "mtime": os.path.getmtime(s.path)} for s in index.sources}
+
+
+def write_run_record(cfg: TrainConfig, ds: dict, world: int, index: DataIndex, val_ids: np.ndarray) -> str:
+    path = os.path.join(cfg.output_dir, RECORD)
+    record = {"train": asdict(cfg), "deepspeed": ds, "world_size": world, "data_files": data_files(index),
+              "samples": len(index), "held_out": sample_names(index, val_ids),
+              "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_run_record(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RECORD)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{run_dir}: no {RECORD}; point --run at an output folder of chatts-train training")
+    with open(path) as f:
+        return json.load(f)
+
+
+def resume_changes(record: dict, cfg: TrainConfig, ds: dict, world: int, index: DataIndex) -> list[str]:
+    """What differs from the run being resumed in ways that would change its data order or steps."""
+    was = record["train"]
+    changes = []
+    if record["world_size"] != world:
+        changes.append(f"world size {record['world_size']} -> {world}")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if record["deepspeed"][key] != ds[key]:
+            changes.append(f"{key} {record['deepspeed'][key]} -> {ds[key]}")
+    for key in ("seed", "data", "cutoff_len", "val_size", "packing"):
+        if was[key] != getattr(cfg, key):
+            changes.append(f"--{key} {was[key]!r} -> {getattr(cfg, key)!r}")
+    now = data_files(index)
+    for path, stat in record["data_files"].items():
+        if now.get(path) != stat:
+            changes.append(f"data file {path} changed since the run started (size or modification time)")
+    return changes
+
+
+def held_out_ids(record: dict, index: DataIndex) -> np.ndarray:
+    """The recorded held-out samples in a fresh index of the same data."""
+    position = {name: i for i, name in enumerate(sample_names(index, np.arange(len(index))))}
+    missing = [n for n in record["held_out"] if n not in position]
+    if missing:
+        raise CheckpointError(f"{len(missing)} held-out samples of the run are not in the data any more (e.g. "
+                              f"{missing[0]}): the data changed since training")
+    return np.array(sorted(position[n] for n in record["held_out"]), dtype=np.int64)
