@@ -123,7 +123,7 @@ def worker(a: argparse.Namespace) -> None:
     from chatts_train.hostmem import host_need_gib, peak_rss_gib, rss_gib
     from chatts_train.loop import micro_step, step_token_scale
     from chatts_train.modeling import check_checkpoint
-    from chatts_train.weights import checkpoint_bytes
+    from chatts_train.weights import checkpoint_bytes, largest_shard_bytes
 
     cfg = TrainConfig(model_path=a.model or "", learning_rate=1e-4, attn_implementation=a.attn,
                       gradient_checkpointing=not a.no_checkpointing, gpu_memory_cap_gib=a.gpu_mem_gb)
@@ -147,7 +147,7 @@ def worker(a: argparse.Namespace) -> None:
         model_bytes = checkpoint_bytes(a.model) if a.model else sum(
             getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
         result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
-                      host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world))
+                      host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world, largest_shard_bytes(a.model) if a.model else 0))
         spec = config.ts_spec
         if a.pack:
             lengths = [int(x) for x in a.pack.split(",")]

@@ -14,10 +14,10 @@ from typing import Iterator, Optional
 import torch
 
 GiB = 1024 ** 3
-# A rank's peak RSS beside the pinned weights: Python, torch + CUDA/NCCL, DeepSpeed, tokenizer, data index,
-# and the memory-mapped checkpoint pages it reads while loading. Measured 4.05-4.2 GiB on 2 x H200 with and
-# without parameter offload, 2026-11-30 (benchmarks/RESULTS.md section 5); steady state is ~1.4 GiB lower.
-PROCESS_PEAK_GIB = 4.2
+# A rank's RSS beside the pinned weights and the checkpoint pages it maps while loading: Python, torch +
+# CUDA/NCCL, DeepSpeed, tokenizer, data index. Fitted to peaks measured on H200s, 2026-11-30 (RESULTS.md
+# section 5): 18.0-18.1 GiB a rank on 2 GPUs, 35.4 GiB on 1 GPU, with 4.75 GiB shards.
+PROCESS_GIB = 2.5
 
 
 def rss_gib() -> float:
@@ -49,12 +49,13 @@ def ranks_on_this_node(world: int) -> int:
     return world
 
 
-def host_need_gib(model_bytes: int, ds: dict, world: int) -> dict:
-    """Peak host RAM one rank and this node need: the process itself, plus the pinned partition of the frozen
-    weights under parameter offload. (Optimizer offload of the LoRA weights is ~0.1 GB: left out.)"""
+def host_need_gib(model_bytes: int, ds: dict, world: int, largest_shard_bytes: int = 0) -> dict:
+    """Peak host RAM one rank and this node need: the process, the pages of the largest shard it maps while
+    reading its part of it (1/world of the shard), and the pinned partition of the frozen weights under
+    parameter offload. (Optimizer offload of the LoRA weights is ~0.1 GB: left out.)"""
     offload = bool(ds.get("zero_optimization", {}).get("offload_param"))
     partition = model_bytes / world / GiB if offload else 0.0
-    per_rank = PROCESS_PEAK_GIB + partition
+    per_rank = PROCESS_GIB + largest_shard_bytes / world / GiB + partition
     local = ranks_on_this_node(world)
     return {"per_rank_gib": round(per_rank, 1), "pinned_partition_gib": round(partition, 1), "ranks_on_node": local,
             "node_gib": round(per_rank * local, 1)}

@@ -25,7 +25,7 @@ from .processor import ChatTSProcessor
 from .ranks import rank0_print
 from .runrecord import RECORD, read_run_record, resume_changes, write_run_record
 from .sampler import Sampler
-from .weights import checkpoint_bytes
+from .weights import checkpoint_bytes, largest_shard_bytes
 
 
 @dataclass
@@ -124,7 +124,7 @@ def report_data(index: DataIndex, n_train: int, n_val: int, sampler: Sampler, cf
 
 def report_host_need(model_path: str, ds: dict, world: int) -> None:
     """Say what host RAM the run needs before the (minutes-long) load, and warn when the node lacks it."""
-    need = host_need_gib(checkpoint_bytes(model_path), ds, world)
+    need = host_need_gib(checkpoint_bytes(model_path), ds, world, largest_shard_bytes(model_path))
     available, total = node_memory_gib()
     pinned = (f"{need['pinned_partition_gib']:.1f} GiB of it the pinned partition of the frozen weights"
               if need["pinned_partition_gib"] else "no parameter offload, so no pinned weights")

@@ -51,6 +51,10 @@ def checkpoint_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in set(weight_map(path).values()))
 
 
+def largest_shard_bytes(path: str) -> int:
+    return max(os.path.getsize(os.path.join(path, f)) for f in set(weight_map(path).values()))
+
+
 def _open(path: str, name: str):
     from safetensors import safe_open
 
