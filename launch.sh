@@ -14,6 +14,23 @@ DS_CONFIG=${DS_CONFIG:-ds_config.json}
 HOSTFILE=${HOSTFILE:-}
 MASTER_PORT=${MASTER_PORT:-29500}
 
+# Ctrl-C, or SIGTERM to this script's pid (`kill <pid>`, a process supervisor): every rank gets SIGTERM,
+# saves a resume checkpoint and exits, and this script exits after all of them, so no rank outlives it.
+run_job() {
+  set -m  # the launcher and its ranks in a process group of their own
+  "$@" &
+  local job=$! rc=0
+  set +m
+  trap 'kill -TERM -- -'"$job"' 2>/dev/null' TERM INT
+  while :; do
+    rc=0; wait "$job" || rc=$?
+    kill -0 "$job" 2>/dev/null || break  # wait returns early when a signal arrives; the launcher may still run
+  done
+  while kill -0 -- -"$job" 2>/dev/null; do sleep 0.5; done  # its ranks too
+  trap - TERM INT
+  return $rc
+}
+
 # Use the project's environment if there is one; install what is missing on first run.
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 if ! python3 -c "import chatts_train, deepspeed, peft" 2>/dev/null; then
@@ -31,10 +48,11 @@ if [ ! -f "$MODEL_PATH/config.json" ]; then
   [ -f "$DEMO/tiny-chatts/config.json" ] || chatts-train make-tiny --out "$DEMO/tiny-chatts"
   [ -f "$DEMO/data/dataset_info.json" ] || chatts-train make-data --out "$DEMO/data" --scale 0.25
   export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-  exec deepspeed --num_gpus 2 --master_port "$MASTER_PORT" --module chatts_train \
+  run_job deepspeed --num_gpus 2 --master_port "$MASTER_PORT" --module chatts_train \
     --model_path "$DEMO/tiny-chatts" --data gdsh,hbsn,whlj,zhlh --dataset_dir "$DEMO/data" \
-    --output_dir "$DEMO" --ds_config "$DS_CONFIG" --fp16 false --offload none --num_epochs 2 \
+    --output_dir "$DEMO" --overwrite_output_dir --ds_config "$DS_CONFIG" --fp16 false --offload none --num_epochs 2 \
     --val_size 0.1 --eval_at_end --eval_max_new_tokens 32 --save_steps 5 --learning_rate 5e-3 "$@"
+  exit $?
 fi
 
 launcher=(deepspeed --master_port "$MASTER_PORT")
@@ -43,5 +61,5 @@ if [ -n "$HOSTFILE" ]; then
 else
   launcher+=(--num_gpus "$NUM_GPUS")
 fi
-exec "${launcher[@]}" --module chatts_train --model_path "$MODEL_PATH" --data "$DATA" \
+run_job "${launcher[@]}" --module chatts_train --model_path "$MODEL_PATH" --data "$DATA" \
   --dataset_dir "$DATASET_DIR" --output_dir "$OUTPUT" --ds_config "$DS_CONFIG" "$@"

@@ -61,22 +61,33 @@ def save_resume(engine, ckpt_root: str, step: int, keep: int = 2, extra: Optiona
     return final
 
 
-def latest_resume(ckpt_root: str) -> Optional[str]:
+def latest_resume(ckpt_root: str) -> str:
+    """The checkpoint `latest` names, or a CheckpointError that says what is wrong with it."""
     path = os.path.join(ckpt_root, LATEST)
     if not os.path.isfile(path):
-        return None
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_root} (no {LATEST} file there): this run never "
+                              f"saved one; start it again without --resume")
     with open(path) as f:
-        found = os.path.join(ckpt_root, f.read().strip())
-    return found if os.path.isdir(found) else None
+        name = f.read().strip()
+    found = os.path.join(ckpt_root, name)
+    if not name or not os.path.isdir(os.path.join(found, "engine")):
+        saved = sorted((d for d in os.listdir(ckpt_root) if d.startswith("step-") and d[5:].isdigit()),
+                       key=lambda d: int(d[5:]))
+        hint = f"; the checkpoints there are {', '.join(saved)}: write the newest to {path}" if saved else ""
+        raise CheckpointError(f"--resume: {path} names {name or 'nothing'!r}, which is not a complete checkpoint{hint}")
+    return found
 
 
 def load_resume(engine, ckpt_root: str) -> tuple[int, dict]:
     """Restore the latest resume checkpoint; returns (optimizer step to continue from, client state)."""
     path = latest_resume(ckpt_root)
-    if path is None:
-        raise CheckpointError(f"--resume: no checkpoint in {ckpt_root} (expected {ckpt_root}/{LATEST})")
-    _, client = engine.load_checkpoint(path, tag="engine", load_module_strict=False, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    try:
+        _, client = engine.load_checkpoint(path, tag="engine", load_module_strict=False, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except Exception as e:  # truncated files, another LoRA shape or world size: DeepSpeed's own words, one line
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"--resume: {path} cannot be loaded ({type(e).__name__}: {reason}). Resume with the "
+                              f"run's settings, or from an earlier checkpoint by naming it in {ckpt_root}/{LATEST}") from None
     if client is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load the engine state")
     rng = os.path.join(path, f"rng_rank{rank()}.pt")

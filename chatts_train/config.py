@@ -47,6 +47,7 @@ class TrainConfig:
     save_steps: int = 50  # adapter + resume checkpoint every N optimizer steps (0: only at the end)
     keep_checkpoints: int = 2  # resume checkpoints kept on disk
     resume: bool = False  # continue from the latest resume checkpoint in output_dir
+    overwrite_output_dir: bool = False  # start over in an output_dir that holds a run (its checkpoints go)
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss before the run stops
     plot: bool = True  # PNG of the curves at the end (needs matplotlib)
     tensorboard: bool = True  # when tensorboard is installed
@@ -80,6 +81,10 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--model_path {cfg.model_path}: no config.json there; point it at a ChatTS checkpoint folder")
     if os.path.isfile(cfg.output_dir):
         problems.append(f"--output_dir {cfg.output_dir} is a file; give a folder")
+    elif not (cfg.resume or cfg.overwrite_output_dir) and any(
+            os.path.exists(os.path.join(cfg.output_dir, f)) for f in ("run.json", "metrics.jsonl", "checkpoints")):
+        problems.append(f"--output_dir {cfg.output_dir} holds a run already: continue it with --resume, start over "
+                        f"with --overwrite_output_dir (its checkpoints are deleted), or pick another folder")
     unknown = [t for t in cfg.lora_target_list if t not in LORA_TARGETS]
     if unknown or not cfg.lora_target_list:
         problems.append(f"--lora_targets {cfg.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")

@@ -45,7 +45,9 @@ def resolve_sources(data: str, dataset_dir: Optional[str] = None) -> list[Source
             raise DataError(f"dataset entry {item!r}: weight {w!r} is not a number (use name:weight)") from None
         if weight <= 0:
             raise DataError(f"dataset entry {item!r}: weight must be positive")
-        if name.endswith(".jsonl") or os.path.isfile(name):
+        if os.path.isdir(name):
+            raise DataError(f"--data {name} is a folder: pass JSONL files, or dataset names with --dataset_dir {name}")
+        if name.endswith((".jsonl", ".json")) or os.sep in name or os.path.isfile(name):
             if not os.path.isfile(name):
                 raise DataError(f"data file {name} does not exist")
             sources.append(Source(os.path.splitext(os.path.basename(name))[0], name, weight))
@@ -56,6 +58,9 @@ def resolve_sources(data: str, dataset_dir: Optional[str] = None) -> list[Source
             raise DataError(f"unknown dataset {name!r}: {dataset_dir}/dataset_info.json lists "
                             f"{', '.join(sorted(info)) or 'nothing'}")
         entry = info[name]
+        if not isinstance(entry, dict):
+            raise DataError(f"{dataset_dir}/dataset_info.json: entry {name!r} must be an object like "
+                            f'{{"file_name": "{name}.jsonl"}}, got {type(entry).__name__}')
         path = os.path.join(dataset_dir, entry.get("file_name", ""))
         if not os.path.isfile(path):
             raise DataError(f"dataset {name!r}: file {path} named in dataset_info.json does not exist")
@@ -91,6 +96,8 @@ def parse_line(line: str | bytes, columns: dict, spec: TSSpec) -> tuple[str, str
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         return Rejected("invalid JSON", str(e))
+    except UnicodeDecodeError as e:
+        return Rejected("not UTF-8", f"bytes that are not UTF-8 ({e.reason} at byte {e.start})")
     if not isinstance(obj, dict):
         return Rejected("invalid JSON", "a line must be one JSON object")
     values = []

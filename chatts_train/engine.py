@@ -26,6 +26,11 @@ def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple
     # Before the first CUDA allocation: without it ZeRO-3's changing gather sizes fragment the cache by GBs
     # (measured: 14B at 4096 tokens OOMs under a 22 GiB cap without it, fits with it; benchmarks/RESULTS.md).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        # Started without a launcher (`python -m chatts_train`): one process, rather than DeepSpeed's MPI
+        # discovery ("No module named mpi4py").
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))

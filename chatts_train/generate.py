@@ -7,7 +7,7 @@ import csv
 import json
 import os
 import sys
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from .batching import collate
 from .errors import CheckpointError, DataError
 from .modeling import ChatTSForCausalLM, load_model
 from .processor import ChatTSProcessor
+from .timeseries import TS_PLACEHOLDER, TSSpec, check_series
 
 
 def load_adapter(model: ChatTSForCausalLM, adapter_dir: str):
@@ -89,14 +90,43 @@ def read_series_file(path: str) -> list[list[float]]:
         raise DataError(f"{path}: {e}; expected numbers, one series per column") from None
 
 
-def read_jsonl(path: str) -> Iterable[dict]:
-    with open(path) as f:
+def check_question(text, series, spec: TSSpec) -> Optional[str]:
+    """Why a question cannot be asked (the checks training applies), or None."""
+    if not isinstance(text, str):
+        return "no `input` text"
+    if not isinstance(series, list):
+        return "`timeseries` must be a list of series"
+    if text.count(TS_PLACEHOLDER) != len(series):
+        return f"{text.count(TS_PLACEHOLDER)} `<ts><ts/>` placeholders for {len(series)} series"
+    for k, raw in enumerate(series):
+        problem = check_series(raw, spec)
+        if isinstance(problem, str):
+            return f"series {k}: {problem}"
+    return None
+
+
+def read_questions(path: str, spec: TSSpec) -> list[dict]:
+    """The rows of a JSONL file to answer; every bad row reported as `file:line: reason`, as in training."""
+    if not os.path.isfile(path):
+        raise DataError(f"--data {path} does not exist")
+    rows, problems = [], []
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: invalid JSON ({e})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                problems.append(f"{path}:{n}: invalid JSON ({e})")
+                continue
+            problem = check_question(row.get("input"), row.get("timeseries", []), spec) if isinstance(row, dict) \
+                else "a line must be one JSON object"
+            if problem:
+                problems.append(f"{path}:{n}: {problem}")
+            rows.append(row)
+    if problems:
+        raise DataError(f"{len(problems)} rows of {path} cannot be answered", problems)
+    return rows
 
 
 def run_generate(a: argparse.Namespace) -> None:
@@ -106,6 +136,9 @@ def run_generate(a: argparse.Namespace) -> None:
         from transformers import TextStreamer
 
         series = read_series_file(a.series) if a.series else []
+        problem = check_question(a.prompt, series, processor.spec)
+        if problem:
+            raise DataError(f"--prompt with {a.series or 'no --series'}: {problem}")
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         answer = generate(model, processor, [(a.prompt, series)], device, streamer=streamer, **kw)[0]
         if a.out:
@@ -114,7 +147,7 @@ def run_generate(a: argparse.Namespace) -> None:
         return
     if not a.data:
         raise DataError("give --data FILE.jsonl, or --prompt TEXT with --series FILE.json|.csv")
-    rows = list(read_jsonl(a.data))
+    rows = read_questions(a.data, processor.spec)
     out = open(a.out, "w") if a.out else sys.stdout
     for i in tqdm(range(0, len(rows), a.batch_size), desc="generate", disable=out is sys.stdout):
         chunk = rows[i:i + a.batch_size]

@@ -204,8 +204,10 @@ def main(argv: Optional[list[str]] = None, step_fn: Callable = micro_step) -> No
     """Entry point of `launch.sh` / `chatts-train train`. Errors are printed once, without a traceback: one
     that every rank raised by rank 0, one rank's own failure by that rank, with its number; a rank that only
     lost its peer says so in one line instead of a traceback."""
+    cfg = None
     try:
-        train(parse_config(TrainConfig, argv), step_fn)
+        cfg = parse_config(TrainConfig, argv)
+        train(cfg, step_fn)
     except ChatTSTrainError as e:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if isinstance(e, RankError) and world > 1:
@@ -216,8 +218,9 @@ def main(argv: Optional[list[str]] = None, step_fn: Callable = micro_step) -> No
     except Exception as e:
         if not (dist.is_initialized() and is_peer_failure(e)):
             raise
-        print(f"error (rank {dist.get_rank()}): stopped because another rank failed (its error is printed above)",
-              file=sys.stderr, flush=True)
+        resume = f"; continue from {cfg.output_dir}/checkpoints with --resume" if cfg else ""
+        print(f"error (rank {dist.get_rank()}): stopped because another rank failed (its own error, if it could "
+              f"print one, is above; the launcher names its exit code){resume}", file=sys.stderr, flush=True)
         sys.exit(3)
 
 

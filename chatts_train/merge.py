@@ -43,15 +43,40 @@ def adapter_deltas(adapter_dir: str) -> tuple[dict[str, tuple[torch.Tensor, torc
     return deltas, replace
 
 
+def check_fit(model_path: str, files: dict[str, str], deltas: dict, replace: dict) -> None:
+    """Every adapter tensor has a base weight of its shape: checked from the shard headers, before writing."""
+    shapes = {}
+    for shard in sorted(set(files.values())):
+        with safe_open(os.path.join(model_path, shard), framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    missing = sorted(k for k in (*deltas, *replace) if k not in shapes)
+    if missing:
+        raise CheckpointError(f"adapter tensors without a base weight: {', '.join(missing[:5])}; "
+                              f"the adapter belongs to another model")
+    for key, (a, b, _) in deltas.items():
+        if shapes[key] != (b.shape[0], a.shape[1]):
+            raise CheckpointError(f"adapter weight for `{key}` is {b.shape[0]}x{a.shape[1]} but the base has "
+                                  f"{shapes[key]}: the adapter belongs to another model shape")
+    for key, t in replace.items():
+        if shapes[key] != tuple(t.shape):
+            raise CheckpointError(f"adapter tensor `{key}` {tuple(t.shape)} does not fit the base {shapes[key]}")
+
+
 def merge(model_path: str, adapter_dir: str, out_dir: str) -> str:
+    """Write base + adapter to `out_dir`, which must not exist yet. Everything is checked first and written
+    to `out_dir.tmp`, renamed at the end: a failed merge leaves no partial checkpoint behind."""
     check_checkpoint(model_path)
-    deltas, replace = adapter_deltas(adapter_dir)
-    shards = sorted(set(weight_map(model_path).values()))
     if os.path.abspath(out_dir) == os.path.abspath(model_path):
         raise CheckpointError("--out must differ from --model: the base checkpoint is never overwritten")
-    os.makedirs(out_dir, exist_ok=True)
-    pending = set(deltas) | set(replace)
-    for shard in shards:
+    if os.path.exists(out_dir):
+        raise CheckpointError(f"--out {out_dir} exists already; name a new folder (nothing is overwritten)")
+    deltas, replace = adapter_deltas(adapter_dir)
+    files = weight_map(model_path)
+    check_fit(model_path, files, deltas, replace)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for shard in sorted(set(files.values())):
         tensors = {}
         with safe_open(os.path.join(model_path, shard), framework="pt") as f:
             metadata = f.metadata()
@@ -59,24 +84,15 @@ def merge(model_path: str, adapter_dir: str, out_dir: str) -> str:
                 t = f.get_tensor(key)
                 if key in deltas:
                     a, b, s = deltas[key]
-                    if t.shape != (b.shape[0], a.shape[1]):
-                        raise CheckpointError(f"adapter weight for `{key}` is {b.shape[0]}x{a.shape[1]} but the base "
-                                              f"has {tuple(t.shape)}: the adapter belongs to another model shape")
                     t = (t.float() + s * (b.float() @ a.float())).to(t.dtype)
                 elif key in replace:
-                    if replace[key].shape != t.shape:
-                        raise CheckpointError(f"adapter tensor `{key}` {tuple(replace[key].shape)} does not fit the "
-                                              f"base {tuple(t.shape)}")
                     t = replace[key].to(t.dtype)
-                pending.discard(key)
                 tensors[key] = t
-        save_file(tensors, os.path.join(out_dir, shard), metadata=metadata or {"format": "pt"})
+        save_file(tensors, os.path.join(tmp, shard), metadata=metadata or {"format": "pt"})
         del tensors
-    if pending:
-        raise CheckpointError(f"adapter tensors without a base weight: {', '.join(sorted(pending)[:5])}; "
-                              f"the adapter belongs to another model")
     for name in os.listdir(model_path):
         src = os.path.join(model_path, name)
         if os.path.isfile(src) and not name.endswith(".safetensors"):
-            shutil.copy2(src, os.path.join(out_dir, name))
+            shutil.copy2(src, os.path.join(tmp, name))
+    os.replace(tmp, out_dir)
     return out_dir

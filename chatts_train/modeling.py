@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .errors import CheckpointError
 from .timeseries import TSSpec
 from .tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
-from .weights import weight_map
+from .weights import check_shard, weight_map
 
 
 
@@ -201,21 +201,31 @@ def read_chatts_config(path: str) -> dict:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{path}: no config.json; point --model_path at a ChatTS checkpoint folder")
-    with open(cfg_file) as f:
-        raw = json.load(f)
-    if not raw.get("ts"):
+    try:
+        with open(cfg_file) as f:
+            raw = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); download it again") from None
+    if not isinstance(raw, dict) or not raw.get("ts"):
         raise CheckpointError(f"{cfg_file}: no `ts` block, so this is not a ChatTS config "
-                              f"(model_type {raw.get('model_type')!r})")
+                              f"(model_type {raw.get('model_type') if isinstance(raw, dict) else None!r})")
+    missing = [k for k in ("patch_size", "num_layers", "hidden_size") if k not in raw["ts"]]
+    if missing:
+        raise CheckpointError(f"{cfg_file}: the `ts` block lacks {', '.join(missing)}; compare it with the published "
+                              f"ChatTS-14B config.json")
     return raw
 
 
 def check_checkpoint(path: str) -> ChatTSConfig:
     """Fail early and clearly on a folder that is not a complete ChatTS checkpoint."""
     raw = read_chatts_config(path)
-    missing = sorted(s for s in set(weight_map(path).values()) if not os.path.isfile(os.path.join(path, s)))
+    shards = sorted(set(weight_map(path).values()))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
     if missing:
         raise CheckpointError(f"{path}: missing weight shards {', '.join(missing)} named in "
                               f"model.safetensors.index.json; the download is incomplete")
+    for shard in shards:
+        check_shard(path, shard)
     raw.pop("model_type", None)
     return ChatTSConfig(**raw)
 

@@ -7,6 +7,8 @@ model) is expanded here on the CPU into exactly ceil(L / patch_size) `<ts>` toke
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -18,7 +20,7 @@ from .batching import collate
 from .errors import CheckpointError
 from .modeling import read_chatts_config
 from .tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
-from .timeseries import TS_PLACEHOLDER, TSSpec, encoder_rows, normalise, prefix
+from .timeseries import TS_PLACEHOLDER, TSSpec, check_series, encoder_rows, normalise, prefix
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -77,6 +79,10 @@ class ChatTSProcessor:
     @classmethod
     def from_pretrained(cls, path: str, **tokenizer_kwargs) -> "ChatTSProcessor":
         ts = read_chatts_config(path)["ts"]
+        if not (os.path.isfile(os.path.join(path, "tokenizer.json"))
+                or os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt"))):
+            raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt, with "
+                                  f"tokenizer_config.json); copy them from the published checkpoint")
         tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
         if tokenizer.convert_tokens_to_ids("<ts>") != TS_TOKEN_ID:
             raise CheckpointError(f"{path}: tokenizer has no `<ts>` token at id {TS_TOKEN_ID}")
@@ -130,14 +136,22 @@ class ChatTSProcessor:
         processor takes it), or a list per text."""
         texts = [text] if isinstance(text, str) else list(text)
         per_text = _split_series(texts, timeseries or [])
-        rewritten = [self.rewrite(t, [np.asarray(s, dtype=np.float64) for s in ss]) for t, ss in zip(texts, per_text)]
+        rewritten = [self.rewrite(t, [self._checked(s) for s in ss]) for t, ss in zip(texts, per_text)]
         if not tokenize:
             return {"text": [r[0] for r in rewritten], "timeseries": [z for r in rewritten for z in r[1]]}
         encoded = [self.encode_ids(self.tokenizer(t, add_special_tokens=False)["input_ids"], zs)
                    for t, zs in rewritten]
         if len(encoded) > 1 and not padding and len({len(e) for e in encoded}) > 1:
             raise ValueError("texts of different lengths need padding=True")
-        return collate(encoded, pad_id=self.tokenizer.pad_token_id, padding_side=self.tokenizer.padding_side)
+        # Left, as the official processor pads: its output goes straight into model.generate.
+        return collate(encoded, pad_id=self.tokenizer.pad_token_id, padding_side="left")
+
+    def _checked(self, series) -> np.ndarray:
+        """The series as float64, or a ValueError for what training would reject (NaN, non-numbers, ...)."""
+        x = check_series(series.tolist() if isinstance(series, np.ndarray) else list(series), self.spec)
+        if isinstance(x, str):
+            raise ValueError(f"bad series: {x}")
+        return x
 
 
 def _split_series(texts: list[str], timeseries: list) -> list[list]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -11,13 +12,14 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 from .checkpoint import latest_resume, load_resume
 from .config import TrainConfig, check_config
 from .data import DataIndex, describe, index_data, resolve_sources, split
 from .dsconfig import load_ds_config, precision
 from .engine import describe_setup, init_process, loss_scale, prepare_engine
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_samples, read_samples, write_report
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from .metrics import format_run_summary, gather_named, plot, summarise_run
@@ -59,6 +61,9 @@ def setup(cfg: TrainConfig) -> Run:
     check_config(cfg)  # every problem at once, before any process group
     rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
     ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
+    if precision(ds) == torch.float16 and not get_accelerator().is_fp16_supported():
+        raise ConfigError([f"fp16 is on, but this machine's accelerator ({get_accelerator().device_name()}) has no "
+                           f"fp16: pass --fp16 false"])
     mb, ga = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     processor = ChatTSProcessor.from_pretrained(cfg.model_path)
     index = index_on_rank0(cfg, processor)
@@ -69,14 +74,15 @@ def setup(cfg: TrainConfig) -> Run:
 
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     if cfg.resume:
-        if latest_resume(ckpt_root) is None:
-            raise CheckpointError(f"--resume: no checkpoint in {ckpt_root} (expected {ckpt_root}/latest)")
+        latest_resume(ckpt_root)  # a missing or broken checkpoint fails here, before the model loads
         if os.path.isfile(os.path.join(cfg.output_dir, RECORD)):
             changes = resume_changes(read_run_record(cfg.output_dir), cfg, ds, world, index)
             if changes:
                 raise CheckpointError(f"--resume would not continue the same run: {'; '.join(changes)}. Resume "
                                       f"with the run's settings, or start a new run in another --output_dir")
     if rank == 0:
+        if cfg.overwrite_output_dir and not cfg.resume:
+            shutil.rmtree(ckpt_root, ignore_errors=True)  # or rotation would mix the old run's steps with ours
         os.makedirs(cfg.output_dir, exist_ok=True)
         if not cfg.resume:
             write_run_record(cfg, ds, world, index, val_ids)

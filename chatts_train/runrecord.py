@@ -54,7 +54,8 @@ def resume_changes(record: dict, cfg: TrainConfig, ds: dict, world: int, index: 
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if record["deepspeed"][key] != ds[key]:
             changes.append(f"{key} {record['deepspeed'][key]} -> {ds[key]}")
-    for key in ("seed", "data", "cutoff_len", "val_size", "packing"):
+    for key in ("seed", "data", "cutoff_len", "val_size", "packing", "lora_rank", "lora_alpha", "lora_targets",
+                "lora_encoder", "train_encoder"):
         if was[key] != getattr(cfg, key):
             changes.append(f"--{key} {was[key]!r} -> {getattr(cfg, key)!r}")
     now = data_files(index)

@@ -92,19 +92,20 @@ def check_series(raw, spec: TSSpec) -> np.ndarray | str:
         return f"a series must be a list of numbers, got {type(raw).__name__}"
     if len(raw) == 0:
         return "empty series"
-    try:
-        x = np.array(raw)
-    except ValueError:  # ragged nesting
-        x = np.array(raw, dtype=object)
-    if x.ndim != 1:
-        return "a series must be a flat list of numbers (one placeholder per variable)"
-    if x.dtype.kind not in "iuf":  # strings, null, bools or nested values slipped in
-        bad = next(v for v in raw if isinstance(v, (str, bool, list, dict)) or v is None)
+    # numpy would read True as 1.0 and an int beyond int64 as an object: only real numbers are values
+    at = next((i for i, v in enumerate(raw) if type(v) not in (int, float)), None)
+    if at is not None:
+        bad = raw[at]
+        if isinstance(bad, (list, tuple)):
+            return "a series must be a flat list of numbers (one placeholder per variable)"
         return f"non-numeric value {bad!r} in series"
-    x = x.astype(np.float64, copy=False)
+    x = np.array(raw, dtype=np.float64)
     if not np.isfinite(x).all():
         i = int(np.flatnonzero(~np.isfinite(x))[0])
         return f"non-finite value {x[i]} at point {i}"
+    with np.errstate(over="ignore"):
+        if not (np.isfinite(x.sum()) and np.isfinite(x.max() - x.min())):
+            return "values so large that their mean or range overflows (|x| near 1e308)"
     if len(x) > spec.max_length:
         return f"series of {len(x)} points is longer than the encoder's {spec.max_length} (ts.max_length)"
     return x

@@ -55,6 +55,21 @@ def largest_shard_bytes(path: str) -> int:
     return max(os.path.getsize(os.path.join(path, f)) for f in set(weight_map(path).values()))
 
 
+def check_shard(path: str, name: str) -> None:
+    """A shard whose header is readable and whose size matches it (a truncated download fails here)."""
+    file = os.path.join(path, name)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(header_len)) if 0 < header_len < 100_000_000 else None
+        except ValueError:
+            header = None
+    ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+    if header is None or os.path.getsize(file) != 8 + header_len + max(ends, default=0):
+        raise CheckpointError(f"{file} is corrupt or truncated; download it again")
+
+
 def _open(path: str, name: str):
     from safetensors import safe_open
 

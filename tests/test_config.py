@@ -62,3 +62,14 @@ def test_package_names_load_lazily_and_light_modules_stay_light():
 
     for name in chatts_train.__all__:
         assert not isinstance(getattr(chatts_train, name), types.ModuleType), name
+
+
+def test_an_output_dir_that_holds_a_run_is_not_overwritten_by_accident(tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    base = dict(model_path=tiny["0801"], ds_config=os.path.join(ROOT, "ds_config.json"), output_dir=str(run))
+    with pytest.raises(ConfigError, match="holds a run already: continue it with --resume"):
+        check_config(TrainConfig(**base))
+    check_config(TrainConfig(**base, overwrite_output_dir=True))
+    check_config(TrainConfig(**base, resume=True))

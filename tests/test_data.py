@@ -28,6 +28,8 @@ MORE_BAD_SERIES = [
     ([1.0, float("inf")], "non-finite value inf at point 1"),
     ([[1.0], [2.0]], "flat list"),
     (list(np.zeros(32769)), "longer than the encoder's 32768"),
+    ([True, 1.0], "non-numeric value True"),  # numpy would have read it as 1.0
+    ([1e308, 1e308, -1e308, 1e308], "overflows"),  # the prefix would say offset=-inf
 ]
 
 
@@ -45,7 +47,7 @@ def test_every_bad_sample_is_reported_with_file_line_and_reason(tmp_path, proces
         assert any(p.startswith(f"{path}:{lineno}: {reason}:") for p in index.problems), reason
     for k, (_, detail) in enumerate(MORE_BAD_SERIES, 2 + len(BAD_LINES)):
         assert any(p.startswith(f"{path}:{k}: bad series:") and detail in p for p in index.problems), detail
-    with pytest.raises(DataError, match=r"12 bad samples") as e:
+    with pytest.raises(DataError, match=r"14 bad samples") as e:
         index_data(resolve_sources(path), processors["0801"], cutoff_len=4096, strict=True)
     assert f"{path}:2: invalid JSON" in str(e.value)
 
@@ -142,3 +144,21 @@ def test_schedule_and_packing_plan(synthetic, processors):
     plain = Sampler(index, tr, seed=0, micro_batch=2, world=2, grad_accum=2)
     assert plain.steps_in_epoch(0) == -(-len(tr) // 8)
     assert all(len(ids) <= 2 for ids in plain.micro_batches(0, 0))
+
+
+def test_bytes_ints_and_paths_that_used_to_raise_tracebacks(tmp_path, processors):
+    path = tmp_path / "bytes.jsonl"
+    with open(path, "wb") as f:
+        f.write((json.dumps(GOOD) + "\n").encode())
+        f.write(b'{"input": "caf\xe9 <ts><ts/>", "output": "y", "timeseries": [[1, 2]]}\n')
+        f.write((json.dumps({**GOOD, "timeseries": [[1, 2 ** 70, 3]]}) + "\n").encode())
+    index = index_data(resolve_sources(str(path)), processors["0801"], cutoff_len=4096)
+    assert index.line.tolist() == [1, 3]  # a huge integer is a number; non-UTF-8 bytes are a bad sample
+    assert any(p.startswith(f"{path}:2: not UTF-8:") for p in index.problems), index.problems
+    with pytest.raises(DataError, match="is a folder"):
+        resolve_sources(str(tmp_path))
+    with pytest.raises(DataError, match="data file nope/train.json does not exist"):
+        resolve_sources("nope/train.json")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"gdsh": "gdsh.jsonl"}))
+    with pytest.raises(DataError, match="entry 'gdsh' must be an object"):
+        resolve_sources("gdsh", str(tmp_path))

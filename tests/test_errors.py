@@ -34,3 +34,58 @@ def test_a_missing_deepspeed_config_is_one_line_before_any_process_group(tiny, t
     assert r.returncode == 2
     assert f"error: --ds_config {tmp_path / 'nowhere.json'}: no such file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _cpu_env(**extra):
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+@pytest.mark.slow
+def test_sigterm_to_launch_sh_stops_every_rank_cleanly_and_exits_after_them(tiny, tmp_path):
+    """What `kill <pid>` of `bash launch.sh` (or a process supervisor) does: a resume checkpoint, then the
+    script exits, with no rank left running."""
+    import signal
+    import time
+
+    from chatts_train.standins.synthetic import write_series_task
+
+    write_series_task(str(tmp_path / "task.jsonl"), 48, length=120, seed=0)
+    run = tmp_path / "run"
+    env = _cpu_env(MODEL_PATH=tiny["0801"], DATA=str(tmp_path / "task.jsonl"), OUTPUT=str(run), MASTER_PORT="29545")
+    job = subprocess.Popen(["bash", os.path.join(ROOT, "launch.sh"), "--fp16", "false", "--offload", "none",
+                            "--max_steps", "200", "--save_steps", "0", "--plot", "false", "--tensorboard", "false"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+            assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:] if job.poll() else "slow"
+            time.sleep(0.5)
+        job.send_signal(signal.SIGTERM)  # to the script's pid only, not its group
+        out, _ = job.communicate(timeout=120)
+        with pytest.raises(ProcessLookupError):  # nothing of the job outlives the script
+            os.killpg(job.pid, 0)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert "[stop] signal received: saved a resume checkpoint at step" in out, out[-3000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / latest / "engine").is_dir() and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_without_a_launcher_one_process_trains_and_a_rerun_does_not_overwrite_it(tiny, tmp_path):
+    from chatts_train.standins.synthetic import write_series_task
+
+    write_series_task(str(tmp_path / "task.jsonl"), 24, length=120, seed=0)
+    args = [sys.executable, "-m", "chatts_train", "--model_path", tiny["0801"], "--data", str(tmp_path / "task.jsonl"),
+            "--output_dir", str(tmp_path / "run"), "--ds_config", os.path.join(ROOT, "ds_config.json"), "--fp16",
+            "false", "--offload", "none", "--max_steps", "1", "--plot", "false", "--tensorboard", "false"]
+    env = {k: v for k, v in _cpu_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0 and os.path.isfile(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), \
+        first.stderr[-3000:]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 2 and "holds a run already: continue it with --resume" in again.stderr
+    assert "Traceback" not in again.stderr and (tmp_path / "run" / "checkpoints" / "step-1").is_dir()

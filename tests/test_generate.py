@@ -92,6 +92,10 @@ def test_bad_adapters_get_clear_errors(tiny, adapter, tmp_path):
         load_adapter(load_model(tiny["legacy"], dtype=torch.float32), adapter)
     with pytest.raises(CheckpointError, match="another model shape"):
         merge(tiny["legacy"], adapter, str(tmp_path / "m2"))
+    assert not os.path.exists(tmp_path / "m2") and not os.path.exists(tmp_path / "m2.tmp")  # nothing half-written
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="exists already"):
+        merge(tiny["0801"], adapter, str(tmp_path / "afile"))
     wrong_rank = tmp_path / "rank"
     shutil.copytree(adapter, wrong_rank)
     cfg = json.loads((wrong_rank / "adapter_config.json").read_text())
@@ -130,3 +134,44 @@ def test_generate_cli_with_prompt_and_csv_series(tiny, adapter, tmp_path):
                           str(tmp_path / "nothing"), "--prompt", "hi", "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bad_questions_get_file_line_reports_like_training(tiny, tmp_path):
+    from chatts_train.errors import DataError
+    from chatts_train.generate import read_questions
+    from chatts_train.modeling import check_checkpoint
+
+    spec = check_checkpoint(tiny["0801"]).ts_spec
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"input": "fine <ts><ts/>", "timeseries": [[1, 2, 3]]}, {"output": "no input"},
+        {"input": "<ts><ts/>", "timeseries": [[1.0, float("nan")]]}, {"input": "two <ts><ts/><ts><ts/>", "timeseries": [[1]]}]))
+    with pytest.raises(DataError) as e:
+        read_questions(str(path), spec)
+    assert [p.split(": ", 1)[0] for p in e.value.problems] == [f"{path}:{n}" for n in (2, 3, 4)]
+    assert "no `input` text" in str(e.value) and "non-finite value nan" in str(e.value) and "2 `<ts><ts/>`" in str(e.value)
+
+
+def test_a_truncated_shard_or_broken_config_is_named(tiny, tmp_path):
+    from chatts_train.modeling import check_checkpoint
+    from chatts_train.processor import ChatTSProcessor
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny["0801"], bad)
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{shard.name} is corrupt or truncated"):
+        check_checkpoint(str(bad))
+    cfg = json.loads((bad / "config.json").read_text())
+    del cfg["ts"]["patch_size"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lacks patch_size"):
+        ChatTSProcessor.from_pretrained(str(bad))
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        check_checkpoint(str(bad))
+    (bad / "config.json").write_text(json.dumps({**cfg, "ts": {**cfg["ts"], "patch_size": 8}}))
+    (bad / "tokenizer.json").unlink()
+    (bad / "vocab.json").unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        ChatTSProcessor.from_pretrained(str(bad))

@@ -93,3 +93,13 @@ def test_chat_template_is_chatts(processors):
 def test_spec_from_config():
     assert TSSpec.from_ts_config({"patch_size": 8, "use_position_embedding": True, "max_sequence_length": 32768}).row_width == 136
     assert TSSpec.from_ts_config({"patch_size": 16, "max_length": 2048}).row_width == 16
+
+
+def test_processor_call_pads_left_like_the_official_one_and_rejects_nan(processors):
+    proc = processors["0801"]
+    out = proc(["short <ts><ts/>", "a much longer question about <ts><ts/> here"], [[1.0, 2.0, 3.0], [4.0, 5.0]])
+    assert out["attention_mask"][:, -1].tolist() == [1, 1] and out["attention_mask"][0, 0] == 0
+    with pytest.raises(ValueError, match="non-finite value nan"):
+        proc("x <ts><ts/>", [[1.0, float("nan")]])
+    with pytest.raises(ValueError, match="non-numeric value True"):
+        proc("x <ts><ts/>", [[True, 1.0]])
