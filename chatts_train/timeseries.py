@@ -92,14 +92,23 @@ def check_series(raw, spec: TSSpec) -> np.ndarray | str:
         return f"a series must be a list of numbers, got {type(raw).__name__}"
     if len(raw) == 0:
         return "empty series"
-    # numpy would read True as 1.0 and an int beyond int64 as an object: only real numbers are values
-    at = next((i for i, v in enumerate(raw) if type(v) not in (int, float)), None)
+    try:
+        x = np.array(raw)
+    except ValueError:  # ragged nesting
+        x = np.array(raw, dtype=object)
+    # numpy reads True as 1 and an int beyond int64 as an object: only real numbers are values. Python-level
+    # checks only where numpy cannot tell (values equal to 0 or 1, object arrays), to keep indexing fast.
+    if x.ndim == 1 and x.dtype.kind in "iuf":
+        at = next((int(i) for i in np.flatnonzero((x == 0) | (x == 1)) if isinstance(raw[i], (bool, np.bool_))), None)
+    else:
+        at = next((i for i, v in enumerate(raw) if isinstance(v, (bool, np.bool_))
+                   or not isinstance(v, (int, float, np.integer, np.floating))), None)
     if at is not None:
         bad = raw[at]
         if isinstance(bad, (list, tuple)):
             return "a series must be a flat list of numbers (one placeholder per variable)"
         return f"non-numeric value {bad!r} in series"
-    x = np.array(raw, dtype=np.float64)
+    x = x.astype(np.float64, copy=False) if x.dtype.kind in "iuf" else np.array(raw, dtype=np.float64)
     if not np.isfinite(x).all():
         i = int(np.flatnonzero(~np.isfinite(x))[0])
         return f"non-finite value {x[i]} at point {i}"
