@@ -51,7 +51,7 @@ if [ ! -f "$MODEL_PATH/config.json" ]; then
   run_job deepspeed --num_gpus 2 --master_port "$MASTER_PORT" --module chatts_train \
     --model_path "$DEMO/tiny-chatts" --data gdsh,hbsn,whlj,zhlh --dataset_dir "$DEMO/data" \
     --output_dir "$DEMO" --overwrite_output_dir --ds_config "$DS_CONFIG" --fp16 false --offload none --num_epochs 2 \
-    --val_size 0.1 --eval_at_end --eval_max_new_tokens 32 --save_steps 5 --learning_rate 5e-3 "$@"
+    --val_size 0.1 --eval_at_start --eval_at_end --eval_max_new_tokens 32 --save_steps 5 --learning_rate 5e-3 "$@"
   exit $?
 fi
 

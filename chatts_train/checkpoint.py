@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .adapter import replace_dir, save_adapter
-from .errors import CheckpointError
+from .errors import CheckpointError, RankError
 from .ranks import barrier, rank
 
 LATEST = "latest"
@@ -40,14 +40,18 @@ def save_resume(engine, ckpt_root: str, step: int, keep: int = 2, extra: Optiona
     `ckpt_root/step-N`; the oldest beyond `keep` are removed. All ranks call it."""
     final = os.path.join(ckpt_root, f"step-{step}")
     tmp = final + ".tmp"
-    if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    engine.save_checkpoint(tmp, tag="engine", client_state={"step": step, **(extra or {})}, save_latest=False,
-                           exclude_frozen_parameters=True)
-    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank()}.pt"))
-    save_adapter(engine.module, os.path.join(tmp, "adapter"))  # ends with a barrier
+    try:
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        engine.save_checkpoint(tmp, tag="engine", client_state={"step": step, **(extra or {})}, save_latest=False,
+                               exclude_frozen_parameters=True)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank()}.pt"))
+        save_adapter(engine.module, os.path.join(tmp, "adapter"))  # ends with a barrier
+    except OSError as e:  # a full disk, a quota, a vanished mount: this rank's own failure
+        raise RankError(f"could not write the checkpoint of step {step} in {tmp} ({e.strerror or e}); the previous "
+                        f"checkpoint ({ckpt_root}/{LATEST}) is intact: free space, then continue with --resume") from None
     if rank() == 0:
         replace_dir(tmp, final)
         with open(os.path.join(ckpt_root, LATEST + ".tmp"), "w") as f:

@@ -52,6 +52,7 @@ class TrainConfig:
     plot: bool = True  # PNG of the curves at the end (needs matplotlib)
     tensorboard: bool = True  # when tensorboard is installed
     eval_at_end: bool = False  # generate on the held-out split and score it (needs val_size)
+    eval_at_start: bool = False  # score the held-out split before training too, for a before/after table
     eval_max_new_tokens: int = 128
 
     @property

@@ -87,6 +87,16 @@ def format_scores(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_before_after(before: dict[str, dict], after: dict[str, dict]) -> str:
+    """Two score summaries of the same samples side by side: what training changed."""
+    lines = [f"{'dataset':<12}{'samples':>8}{'exact before':>14}{'after':>7}{'keyword before':>16}{'after':>7}"]
+    for name, a in after.items():
+        b = before.get(name, {"exact": float("nan"), "keyword": float("nan")})
+        lines.append(f"{name:<12}{a['samples']:>8}{b['exact']:>14.3f}{a['exact']:>7.3f}{b['keyword']:>16.3f}"
+                     f"{a['keyword']:>7.3f}")
+    return "\n".join(lines)
+
+
 def read_samples(index, ids) -> list[dict]:
     """The indexed samples `ids` as dicts (dataset, line, input, output, timeseries)."""
     samples = []

@@ -25,11 +25,11 @@ from .batching import collate, pack
 from .config import TrainConfig, parse_config
 from .data import SampleReader
 from .engine import check_training_mode, loss_scale
-from .errors import ChatTSTrainError, RankError, TrainingError
+from .errors import ChatTSTrainError, DataError, RankError, TrainingError
 from .hostmem import rss_gib
 from .metrics import MetricsLog, gather_named, memory_snapshot
 from .ranks import rank0_print
-from .run import Run, finish, setup
+from .run import Run, finish, score_held_out, setup
 from .tokens import IGNORE_INDEX
 
 
@@ -74,6 +74,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
     their own wrapper of `micro_step`."""
     run = setup(cfg)
     engine, device, world = run.engine, run.device, run.world
+    scores_before = score_held_out(run) if cfg.eval_at_start and len(run.val_ids) and not cfg.resume else None
     reader, pad_id = SampleReader(run.index, run.processor), run.processor.tokenizer.pad_token_id
     log = MetricsLog(cfg.output_dir, run.rank == 0, cfg.tensorboard, resume_step=run.start_step if cfg.resume else None)
     stop, failures = StopRequest(), Failures(run)
@@ -84,7 +85,10 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
     # ---- iterate ------------------------------------------------------------------------------------
     for step in range(run.start_step, run.total_steps):
         plan = run.sampler.micro_batches(step, run.rank)
-        batches = [batch_of([reader[int(i)] for i in ids], pad_id) for ids in plan]
+        try:
+            batches = [batch_of([reader[int(i)] for i in ids], pad_id) for ids in plan]
+        except DataError as e:  # read on this rank only, so this rank reports it
+            raise RankError(str(e)) from None
         # Answer tokens of the whole optimizer step, over all ranks: the loss is their mean.
         token_scale, answer_tokens = step_token_scale(batches, run.sampler.grad_accum, world, device)
         t0 = time.perf_counter()
@@ -123,7 +127,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
     save_adapter(engine.module, os.path.join(cfg.output_dir, "adapter"))
     save_resume(engine, run.ckpt_root, run.total_steps, cfg.keep_checkpoints)
     log.close()
-    return finish(run, log.rows, samples_seen, first_step_s)
+    return finish(run, log.rows, samples_seen, first_step_s, scores_before)
 
 
 def step_row(run: Run, step: int, batches: list[dict], loss_sum: float, tokens: int, answer_tokens: int,

@@ -20,7 +20,7 @@ from .data import DataIndex, describe, index_data, resolve_sources, split
 from .dsconfig import load_ds_config, precision
 from .engine import describe_setup, init_process, loss_scale, prepare_engine
 from .errors import CheckpointError, ConfigError
-from .evaluate import evaluate_samples, read_samples, write_report
+from .evaluate import evaluate_samples, format_before_after, read_samples, score_by_dataset, write_report
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from .metrics import format_run_summary, gather_named, plot, summarise_run
 from .processor import ChatTSProcessor
@@ -159,17 +159,30 @@ def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.de
                        "host_peak_after_load_gib": [round(r["peak"], 2) for r in rss]}, f, indent=2)
 
 
-def finish(run: Run, rows: list[dict], samples_seen: int, first_step_s: Optional[float]) -> dict:
-    """After the last step: the held-out score (--eval_at_end), the summary, the plot."""
+def score_held_out(run: Run) -> list[dict]:
+    """Generate on the held-out split and score it; every rank takes part (ZeRO-3), rank 0 gets the rows."""
+    run.engine.eval()
+    rows = evaluate_samples(run.engine.module, run.processor, read_samples(run.index, run.val_ids), run.device,
+                            max_new_tokens=run.cfg.eval_max_new_tokens, rank=run.rank, world=run.world)
+    run.engine.train()
+    return rows
+
+
+def finish(run: Run, rows: list[dict], samples_seen: int, first_step_s: Optional[float],
+           scores_before: Optional[list[dict]] = None) -> dict:
+    """After the last step: the held-out score (--eval_at_end, beside --eval_at_start's), the summary, the plot."""
     cfg = run.cfg
+    summary = {}
     if cfg.eval_at_end and len(run.val_ids):
-        run.engine.eval()
-        scored = evaluate_samples(run.engine.module, run.processor, read_samples(run.index, run.val_ids), run.device,
-                                  max_new_tokens=cfg.eval_max_new_tokens, rank=run.rank, world=run.world)
-        run.engine.train()
+        scored = score_held_out(run)
         if run.rank == 0:
-            write_report(scored, os.path.join(cfg.output_dir, "eval"))
-    summary = summarise_run(rows, time.time() - run.started, samples_seen, first_step_s)
+            summary["held_out_after"] = write_report(scored, os.path.join(cfg.output_dir, "eval"))["all"]
+            if scores_before:
+                before = score_by_dataset(scores_before)
+                summary["held_out_before"] = before["all"]
+                rank0_print("\n[eval] held-out scores before and after training:\n"
+                            + format_before_after(before, score_by_dataset(scored)))
+    summary = {**summarise_run(rows, time.time() - run.started, samples_seen, first_step_s), **summary}
     if run.rank == 0:
         summary["adapter"] = os.path.join(cfg.output_dir, "adapter")
         if cfg.plot:

@@ -304,10 +304,10 @@ def learns_from_series():
 
     ds = ds_config(os.path.join(OUT, "ds_learn.json"))
     out_dir = os.path.join(OUT, "learn")
-    train(base_cfg(data=os.path.join(OUT, "learn.jsonl"), ds_config=ds, output_dir=out_dir, val_size=32,
-                   micro_batch=4, grad_accum=1, num_epochs=6, learning_rate=1e-2, encoder_lr=3e-3,
-                   train_encoder=True, lora_encoder=False, save_steps=0, seed=1, eval_at_end=True,
-                   eval_max_new_tokens=4))
+    summary = train(base_cfg(data=os.path.join(OUT, "learn.jsonl"), ds_config=ds, output_dir=out_dir, val_size=32,
+                             micro_batch=4, grad_accum=1, num_epochs=6, learning_rate=1e-2, encoder_lr=3e-3,
+                             train_encoder=True, lora_encoder=False, save_steps=0, seed=1, eval_at_start=True,
+                             eval_at_end=True, eval_max_new_tokens=4))
     res = {}
     if dist.get_rank() == 0:
         from chatts_train.data import split
@@ -336,7 +336,8 @@ def learns_from_series():
                    "shuffled_label_agreement": float(np.mean([val[k]["output"] == val[perm[k]]["output"]
                                                               for k in range(len(val))])),
                    "rows": rows(out_dir),
-                   "eval_at_end": json.load(open(os.path.join(out_dir, "eval", "eval_summary.json")))}
+                   "eval_at_end": json.load(open(os.path.join(out_dir, "eval", "eval_summary.json"))),
+                   "summary": summary}
         # `chatts-train eval --run DIR`: model, adapter and held-out split from the run's record alone
         from argparse import Namespace
 

@@ -59,6 +59,8 @@ def test_model_learns_from_the_series(results):
     assert r["shuffled"] <= 0.7 and r["shuffled"] <= r["accuracy"] - 0.2, r
     # --eval_at_end generated on the 32 held-out samples under ZeRO-3 (synced over both ranks) and scored them
     assert r["eval_at_end"]["all"]["samples"] == 32
+    # --eval_at_start scored the same 32 before training: the summary holds both
+    assert r["summary"]["held_out_before"]["samples"] == r["summary"]["held_out_after"]["samples"] == 32
     # `eval --run DIR` finds the same model, adapter and 32 held-out samples from run.json alone
     assert r["eval_run"]["all"]["samples"] == 32 and r["eval_run_same_answers"]
 
