@@ -7,14 +7,13 @@ no elements is refused (the classic ZeRO-3 bug).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 
 import deepspeed
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 from .ranks import barrier, rank
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -81,11 +80,8 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors = load_file(weights)
     except Exception as e:  # safetensors raises several types for truncated or corrupt files
         raise CheckpointError(f"{weights} is corrupt or truncated ({e}); use another checkpoint's adapter") from None
-    try:
-        with open(os.path.join(adapter_dir, CONFIG)) as f:
-            config = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{os.path.join(adapter_dir, CONFIG)} is not valid JSON ({e})") from None
+    config = read_json_object(os.path.join(adapter_dir, CONFIG), CheckpointError, f"{adapter_dir}: no {CONFIG}",
+                              "use another checkpoint's adapter")
     a_shapes = {t.shape[0] for k, t in tensors.items() if ".lora_A" in k}
     if a_shapes and a_shapes != {config.get("r")}:
         raise CheckpointError(f"{adapter_dir}: adapter_config.json says rank {config.get('r')} but the weights have "

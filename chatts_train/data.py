@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, read_json_object
 from .processor import ChatTSProcessor, Encoded, chat_answer, chat_prompt
 from .timeseries import TS_PLACEHOLDER, TSSpec, check_series
 
@@ -72,16 +72,8 @@ def resolve_sources(data: str, dataset_dir: Optional[str] = None) -> list[Source
 
 def _dataset_info(dataset_dir: Optional[str]) -> dict:
     path = os.path.join(dataset_dir or ".", "dataset_info.json")
-    if not os.path.isfile(path):
-        raise DataError(f"dataset names need {path}; give --dataset_dir or pass JSONL file paths")
-    try:
-        with open(path) as f:
-            info = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{path}: expected an object of name -> {{file_name, columns}}")
-    return info
+    return read_json_object(path, DataError, f"dataset names need {path}; give --dataset_dir or pass JSONL file paths",
+                            "it maps dataset names to {file_name, columns}, as LLaMA-Factory's does")
 
 
 @dataclass

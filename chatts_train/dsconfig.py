@@ -1,29 +1,19 @@
 """The DeepSpeed config of a run: the JSON file, checked, with the run's overrides applied."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import torch
 
-from .errors import TrainingError
+from .errors import TrainingError, read_json_object
 
 OFFLOAD_CHOICES = ("none", "param", "optimizer", "all")
 
 
 def read_ds_config(path: str) -> dict:
     """The DeepSpeed JSON as it is on disk, or a one-line error saying what is wrong with the file."""
-    if not os.path.isfile(path):
-        raise TrainingError(f"--ds_config {path}: no such file (the project ships ds_config.json in its root)")
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except ValueError as e:
-        raise TrainingError(f"--ds_config {path} is not valid JSON: {e}") from None
-    if not isinstance(ds, dict):
-        raise TrainingError(f"--ds_config {path}: expected a JSON object, found {type(ds).__name__}")
-    return ds
+    return read_json_object(path, TrainingError, f"--ds_config {path}: no such file (the project ships "
+                            f"ds_config.json in its root)", "fix it or pass another --ds_config")
 
 
 def load_ds_config(path: str, world_size: int, micro_batch: Optional[int] = None, grad_accum: Optional[int] = None,

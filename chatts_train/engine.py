@@ -80,10 +80,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ == "Qwen2DecoderLayer"]
 
 
+def in_training_mode(model: torch.nn.Module) -> bool:
+    return model.training and all(m.training for m in decoder_layers(model))
+
+
 def check_training_mode(model: torch.nn.Module) -> None:
     """Refuse a training step in eval mode: transformers then skips gradient checkpointing without a word,
     and the step needs ~5x the activation memory (an OOM on a 22 GB card)."""
-    if not model.training or not all(m.training for m in decoder_layers(model)):
+    if not in_training_mode(model):
         raise TrainingError("a training step was asked for with the model in eval mode, where transformers skips "
                             "gradient checkpointing (~5x the memory): call engine.train() after loading or "
                             "evaluating, before the next micro-step")
@@ -96,7 +100,7 @@ def describe_setup(engine) -> dict:
     trainable = {n: str(p.dtype) for n, p in model.named_parameters() if p.requires_grad}
     frozen = sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad})
     return {
-        "training": model.training and all(m.training for m in layers),
+        "training": in_training_mode(model),
         "decoder_layers": len(layers),
         "checkpointed_layers": sum(bool(getattr(m, "gradient_checkpointing", False)) for m in layers),
         "checkpointing_reentrant": _reentrant(model),

@@ -6,6 +6,24 @@ class ChatTSTrainError(Exception):
     """Base class: anything the user can fix from the message alone."""
 
 
+def read_json_object(path: str, error: type[ChatTSTrainError], missing: str, fix: str) -> dict:
+    """A JSON file holding one object, or `error`: `missing` when there is no file, else naming the file,
+    what is wrong with it, and `fix` (what to do)."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        raise error(missing)
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except ValueError as e:  # invalid JSON, or bytes that are not UTF-8
+        raise error(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, found {type(obj).__name__}; {fix}")
+    return obj
+
+
 class CheckpointError(ChatTSTrainError):
     """A model folder that is not a complete ChatTS checkpoint, or an adapter that does not fit it."""
 

@@ -2,7 +2,7 @@
 
 With parameter offload every rank keeps its ZeRO-3 partition of the frozen base in pinned (unswappable)
 host memory: 29.5 GB / world for ChatTS-14B. A box without that much RAM gets the job OOM-killed minutes
-into the 14B load, so the need is printed (and an impossible run refused) before loading starts.
+into the 14B load, so the need is printed before loading starts (a warning where the node lacks it).
 """
 from __future__ import annotations
 

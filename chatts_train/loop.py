@@ -30,6 +30,7 @@ from .hostmem import rss_gib
 from .metrics import MetricsLog, gather_named, memory_snapshot
 from .ranks import rank0_print
 from .run import Run, finish, score_held_out, setup
+from .runrecord import sample_names
 from .tokens import IGNORE_INDEX
 
 
@@ -166,8 +167,7 @@ class Failures:
         try:
             yield
         except torch.OutOfMemoryError as e:
-            index = self.run.index
-            where = ", ".join(f"{index.sources[index.source[i]].path}:{index.line[i]}" for i in ids)
+            where = ", ".join(sample_names(self.run.index, ids))
             raise RankError(f"CUDA out of memory at sequence length {seq_len} (sample {where}). Try: parameter "
                             f"offload (--offload param), a smaller --cutoff_len, or measure first with "
                             f"benchmarks/memprobe.py --seq-len {seq_len}.") from e

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-GiB = 1024 ** 3
+from .hostmem import GiB, peak_rss_gib
 
 
 def memory_snapshot(device: torch.device) -> dict[str, float]:
     """Peak active / allocated / reserved GiB on this rank since the last reset, plus allocator retries
     (a sign of running close to the edge) and host RAM peak."""
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    host = peak_rss_gib()
     if device.type != "cuda":
         return {"active": 0.0, "allocated": 0.0, "reserved": 0.0, "alloc_retries": 0, "host": host}
     s = torch.cuda.memory_stats(device)

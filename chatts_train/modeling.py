@@ -11,7 +11,6 @@ is known before the forward and labels line up; the k-th row goes to the k-th `<
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 from .timeseries import TSSpec
 from .tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
 from .weights import check_shard, weight_map
@@ -199,16 +198,11 @@ def pick_attention(requested: Optional[str] = None) -> str:
 def read_chatts_config(path: str) -> dict:
     """config.json of a ChatTS folder as a dict; a clear error when it is missing or not ChatTS."""
     cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise CheckpointError(f"{path}: no config.json; point --model_path at a ChatTS checkpoint folder")
-    try:
-        with open(cfg_file) as f:
-            raw = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); download it again") from None
-    if not isinstance(raw, dict) or not raw.get("ts"):
+    raw = read_json_object(cfg_file, CheckpointError, f"{path}: no config.json; point --model_path at a ChatTS "
+                           f"checkpoint folder", "download it again")
+    if not raw.get("ts"):
         raise CheckpointError(f"{cfg_file}: no `ts` block, so this is not a ChatTS config "
-                              f"(model_type {raw.get('model_type') if isinstance(raw, dict) else None!r})")
+                              f"(model_type {raw.get('model_type')!r})")
     missing = [k for k in ("patch_size", "num_layers", "hidden_size") if k not in raw["ts"]]
     if missing:
         raise CheckpointError(f"{cfg_file}: the `ts` block lacks {', '.join(missing)}; compare it with the published "

@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .data import DataIndex
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 
 RECORD = "run.json"
 
@@ -38,11 +38,9 @@ def write_run_record(cfg: TrainConfig, ds: dict, world: int, index: DataIndex, v
 
 
 def read_run_record(run_dir: str) -> dict:
-    path = os.path.join(run_dir, RECORD)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{run_dir}: no {RECORD}; point --run at an output folder of chatts-train training")
-    with open(path) as f:
-        return json.load(f)
+    return read_json_object(os.path.join(run_dir, RECORD), CheckpointError, f"{run_dir}: no {RECORD}; point --run at "
+                            f"an output folder of chatts-train training",
+                            "the run's record is damaged: pass --model, --data and --val_size instead")
 
 
 def resume_changes(record: dict, cfg: TrainConfig, ds: dict, world: int, index: DataIndex) -> list[str]:

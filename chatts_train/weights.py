@@ -19,7 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json_object
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -29,9 +29,9 @@ def weight_map(path: str) -> dict[str, str]:
     """{tensor name: shard file name} of a checkpoint folder, single-file or sharded."""
     index_file = os.path.join(path, INDEX)
     if os.path.isfile(index_file):
+        index = read_json_object(index_file, CheckpointError, f"{index_file}: missing", "download it again")
         try:
-            with open(index_file) as f:
-                return dict(json.load(f)["weight_map"])
+            return dict(index["weight_map"])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file} is not a valid safetensors index ({e}); download it again") from None
     if os.path.isfile(os.path.join(path, SINGLE)):
@@ -41,13 +41,7 @@ def weight_map(path: str) -> dict[str, str]:
 
 
 def checkpoint_bytes(path: str) -> int:
-    """Size of the weights on disk (the index's total_size, else the files' sizes)."""
-    index_file = os.path.join(path, INDEX)
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            total = json.load(f).get("metadata", {}).get("total_size")
-        if total:
-            return int(total)
+    """Size of the weights on disk (the shard files; their headers are a few KB)."""
     return sum(os.path.getsize(os.path.join(path, f)) for f in set(weight_map(path).values()))
 
 
