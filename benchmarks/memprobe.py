@@ -3,6 +3,7 @@
     python benchmarks/memprobe.py --no-offload                 # ChatTS-14B-0801 shape, 4096 tokens, 2 GPUs
     python benchmarks/memprobe.py --offload param --gpu-mem-gb 22 --json
     python benchmarks/memprobe.py --model /models/ChatTS-14B --seq-len 8192
+    python benchmarks/memprobe.py --no-offload --baseline hf --profile prof/   # the usual recipe, then ours
 
 Runs what `train()` runs: its set-up (`init_process`, `load_ds_config`, `prepare_engine`) and its micro-step
 and token scale, for a few micro-steps and at least one optimizer step on one worst-case sequence (text +
@@ -23,6 +24,7 @@ import time
 
 PEAK_TFLOPS = {"2080 Ti": 57, "H100": 989, "H200": 989}  # dense fp16 with fp32 accumulate
 GiB = 1024 ** 3
+PCIE3_BYTES_S = 16e9  # the users' 2 x 2080 Ti: PCIe 3.0 x16, no NVLink
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -59,8 +61,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=3.0, help="for the job-time estimate")
     p.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
                    help="override a zero_optimization key, e.g. stage3_max_live_parameters=3e8 (repeatable)")
+    p.add_argument("--baseline", choices=["hf"], default=None,
+                   help="first run the usual recipe (transformers' full-vocabulary loss, LLaMA-Factory's ZeRO-3 "
+                        "config, PyTorch's default allocator) on the same shape, then ours, and report the ratios")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile one steady micro-step on rank 0 (torch.profiler): its time budget in the report, "
+                        "the kernel table in DIR")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--recipe", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -111,6 +120,82 @@ class DeviceSampler(threading.Thread):
             time.sleep(0.005)
 
 
+def usual_recipe(zero: dict, hidden: int) -> dict:
+    """The ZeRO-3 block of the usual recipe: LLaMA-Factory's examples/deepspeed/ds_z3_config.json with its
+    "auto" values as transformers' Trainer fills them for this hidden size; offload as asked."""
+    return {**{k: v for k, v in zero.items() if k.startswith("offload_")},
+            "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+            "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True}
+
+
+def count_traffic() -> dict:
+    """Bytes this rank sends over its links per collective kind, from now on: ring all-gathers and
+    reduce-scatters move (w-1)/w of the whole tensor per rank, all-reduces twice that. DeepSpeed's backend
+    keeps its own references to the all-gather and reduce-scatter functions; all-reduces (DeepSpeed's and
+    vocab_parallel's) and list all-gathers go through torch.distributed at call time."""
+    import torch.distributed as tdist
+    from deepspeed.comm import comm
+
+    seen = {"all_gather": 0.0, "reduce_scatter": 0.0, "all_reduce": 0.0}
+
+    def frac(group) -> float:
+        w = tdist.get_world_size(group)
+        return (w - 1) / w
+
+    def counted(fn, kind, size):
+        def call(*args, **kw):
+            seen[kind] += size(*args, **kw)
+            return fn(*args, **kw)
+        return call
+
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    cdb = comm.cdb
+    cdb.all_gather_function = counted(cdb.all_gather_function, "all_gather",
+                                      lambda output_tensor, input_tensor, group=None, **_: nbytes(output_tensor) * frac(group))
+    cdb.reduce_scatter_function = counted(cdb.reduce_scatter_function, "reduce_scatter",
+                                          lambda output, input, *a, group=None, **_: nbytes(input) * frac(group))
+    tdist.all_reduce = counted(tdist.all_reduce, "all_reduce",
+                               lambda tensor, *a, group=None, **_: 2 * nbytes(tensor) * frac(group))
+    tdist.all_gather = counted(tdist.all_gather, "all_gather",
+                               lambda tensor_list, tensor, group=None, **_: sum(map(nbytes, tensor_list)) * frac(group))
+    return seen
+
+
+def kernel_budget(prof, wall_s: float) -> dict:
+    """Where one micro-step's wall time went on the GPU, from the profiler's kernels: seconds of compute
+    (GEMMs, attention, the rest), of communication (NCCL) and of the part of it no compute overlaps, of
+    copies, and idle (no kernel running: the CPU side, i.e. ZeRO-3's hooks and launches, is the bottleneck)."""
+    from torch.autograd import DeviceType
+
+    kinds = {"gemm": ("gemm", "cutlass", "xmma", "nvjet", "cublas"), "attention": ("fmha", "flash", "attention", "efficient"),
+             "nccl": ("nccl",), "copy": ("memcpy", "memset")}
+    spans: dict[str, list] = {k: [] for k in (*kinds, "other")}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        kind = next((k for k, keys in kinds.items() if any(x in name for x in keys)), "other")
+        spans[kind].append((e.time_range.start, e.time_range.end))
+
+    def union(intervals) -> float:
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(intervals):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total / 1e6
+
+    everything = [x for v in spans.values() for x in v]
+    compute = spans["gemm"] + spans["attention"] + spans["other"]
+    out = {f"{k}_s": round(sum(b - a for a, b in v) / 1e6, 4) for k, v in spans.items()}
+    out.update(wall_s=round(wall_s, 4), gpu_busy_s=round(union(everything), 4), compute_busy_s=round(union(compute), 4),
+               nccl_exposed_s=round(union(everything) - union(compute + spans["copy"]), 4),
+               idle_s=round(wall_s - union(everything), 4), kernels=len(everything))
+    return out
+
+
 def worker(a: argparse.Namespace) -> None:
     """One rank of the probe: `train()`'s own set-up (`init_process`, `load_ds_config`, `prepare_engine`) and
     its own micro-step and token scale, on a synthetic batch of the probed length."""
@@ -130,20 +215,23 @@ def worker(a: argparse.Namespace) -> None:
     rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
     gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
     ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
+    config = check_checkpoint(a.model) if a.model else shape_config(a)
+    if a.recipe == "hf":
+        ds["zero_optimization"] = usual_recipe(ds["zero_optimization"], config.hidden_size)
     for kv in a.zero:
         key, value = kv.split("=", 1)
         ds["zero_optimization"][key] = json.loads(value)
-    config = check_checkpoint(a.model) if a.model else shape_config(a)
     sampler = DeviceSampler(device)
     if gpu:
         sampler.start()
-    result = {"rank": rank, "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
+    result = {"rank": rank, "recipe": a.recipe, "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
               "total_gib": torch.cuda.get_device_properties(device).total_memory / GiB if gpu else 0,
               "cap_gib": a.gpu_mem_gb, "offload": a.offload or "config", "micro_steps": 0,
               "host_rss_before_load_gib": rss_gib()}
     t_build = time.time()
     try:
         engine, hf_ds = prepare_engine(cfg, ds, total_steps=1000, shape=None if a.model else config)
+        engine.module.get_base_model().full_vocabulary_loss = a.recipe == "hf"
         model_bytes = checkpoint_bytes(a.model) if a.model else sum(
             getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
         result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
@@ -160,18 +248,33 @@ def worker(a: argparse.Namespace) -> None:
         result["seq_len"] = int(batch["input_ids"].shape[1])
         result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
         sync = torch.cuda.synchronize if gpu else (lambda: None)
-        times = []
-        for i in range(a.steps * a.grad_accum):
+        traffic = count_traffic()
+        times, losses, warm_traffic = [], [], {}
+        n_steps = a.steps * a.grad_accum
+        for i in range(n_steps):
+            if i == a.grad_accum:
+                warm_traffic = dict(traffic)
+            # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it)
+            profiling = a.profile and rank == 0 and gpu and i == n_steps - 2
+            prof = start_profile() if profiling else None
             sync()
             t = time.perf_counter()
-            micro_step(engine, batch, token_scale)
+            loss, _ = micro_step(engine, batch, token_scale)
             sync()
             times.append(time.perf_counter() - t)
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                result["budget"] = kernel_budget(prof, times[-1])
+                write_kernel_table(prof, a.profile, f"{a.recipe}_{a.offload or 'config'}_{result['seq_len']}")
+            losses.append(loss)
             result["micro_steps"] = i + 1
             if i + 1 == a.grad_accum:
                 result["first_step_done_s"] = time.time() - a.t0
         steady = times[a.grad_accum:] or times
-        result.update(ok=True, micro_step_s=sorted(steady)[len(steady) // 2], micro_step_times=times,
+        counted_steps = n_steps - a.grad_accum if warm_traffic else n_steps
+        result["link_bytes_per_micro_step"] = {k: (v - warm_traffic.get(k, 0.0)) / max(counted_steps, 1)
+                                               for k, v in traffic.items()}
+        result.update(ok=True, micro_step_s=sorted(steady)[len(steady) // 2], micro_step_times=times, losses=losses,
                       optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
         result.update(memory(device))
     except torch.OutOfMemoryError as e:
@@ -185,6 +288,20 @@ def worker(a: argparse.Namespace) -> None:
         json.dump(result, f)
     if result.get("oom"):
         os._exit(3)  # the other ranks may be stuck in a collective; the parent ends them
+
+
+def start_profile():
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof.__enter__()
+    return prof
+
+
+def write_kernel_table(prof, folder: str, name: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"kernels_{name}.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
 def shape_config(a: argparse.Namespace):
@@ -228,10 +345,10 @@ def size_from_data(a: argparse.Namespace) -> None:
     if not source:
         raise SystemExit("--data needs --tokenizer (or --model): a ChatTS folder with the tokenizer and ts config")
     index = index_data(resolve_sources(a.data, a.dataset_dir), ChatTSProcessor.from_pretrained(source), a.cutoff_len)
-    a.seq_len, a.samples = int(index.length.max()), len(index)
+    a.seq_len, a.samples, a.lengths = int(index.length.max()), len(index), [int(x) for x in index.length]
 
 
-def run_probe(a: argparse.Namespace) -> dict:
+def run_probe(a: argparse.Namespace, recipe: str = "ours") -> dict:
     t0 = time.time()
     if a.data:
         size_from_data(a)
@@ -241,7 +358,9 @@ def run_probe(a: argparse.Namespace) -> dict:
            "WORLD_SIZE": str(a.num_gpus), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     # Workers get this run's resolved length and offload (the parent's flags may say otherwise).
-    argv = [x for x in sys.argv[1:] if x not in ("--json", "--no-offload")] + ["--seq-len", str(a.seq_len)]
+    argv = [x for x in sys.argv[1:] if x not in ("--json", "--no-offload")] + ["--seq-len", str(a.seq_len), "--recipe", recipe]
+    if recipe == "hf":  # the usual recipe runs with PyTorch's default allocator
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:False"
     if a.offload:
         argv += ["--offload", a.offload]
     procs = []
@@ -261,17 +380,18 @@ def run_probe(a: argparse.Namespace) -> dict:
     for r in range(a.num_gpus):
         path = os.path.join(out, f"rank{r}.json")
         ranks.append(json.load(open(path)) if os.path.exists(path) else {"rank": r, "ok": False, "error": "no result (killed after another rank's OOM, or crashed)"})
-    return summarise_probe(a, ranks, time.time() - t0)
+    return summarise_probe(a, ranks, time.time() - t0, recipe)
 
 
-def summarise_probe(a, ranks: list[dict], wall_s: float) -> dict:
+def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -> dict:
     from chatts_train.published import chatts_config
 
     ok = all(r.get("ok") for r in ranks)
     source = a.model and os.path.join(a.model, "config.json") or a.config
     cfg = json.load(open(source)) if source else chatts_config(a.release)
-    rep = {"ok": ok, "offload": ranks[0].get("offload"), "zero_overrides": a.zero, "gpus": a.num_gpus,
-           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True (train()'s default)"), "wall_s": round(wall_s, 1),
+    alloc = "expandable_segments:False" if recipe == "hf" else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True (train()'s default)")
+    rep = {"ok": ok, "recipe": recipe, "offload": ranks[0].get("offload"), "zero_overrides": a.zero, "gpus": a.num_gpus,
+           "alloc_conf": alloc, "wall_s": round(wall_s, 1),
            "ranks": ranks, "budget_gib": a.budget_gb}
     if ok:
         seq = ranks[0]["seq_len"]
@@ -286,15 +406,56 @@ def summarise_probe(a, ranks: list[dict], wall_s: float) -> dict:
                    alloc_retries=max(r["alloc_retries"] for r in ranks),
                    host_peak_gib=round(max(r["host_peak_gib"] for r in ranks), 1),
                    host_rss_after_load_gib=round(max(r.get("host_rss_after_load_gib", 0) for r in ranks), 1),
-                   host_need=ranks[0].get("host_need"), setup=ranks[0].get("setup"),
+                   host_need=ranks[0].get("host_need"), setup=ranks[0].get("setup"), losses=ranks[0].get("losses"),
+                   link_bytes_per_micro_step={k: round(max(r["link_bytes_per_micro_step"][k] for r in ranks))
+                                              for k in ranks[0].get("link_bytes_per_micro_step", {})},
+                   budget=ranks[0].get("budget"),
                    # an upper bound: every sample costs a micro-step at the probed (worst-case) length
                    estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))
         if card:
             rep["card"] = card
             rep["mfu"] = round(model_flops / step / (PEAK_TFLOPS[card] * 1e12), 3)
             rep["hfu"] = round(hw_flops / step / (PEAK_TFLOPS[card] * 1e12), 3)
+        if rep.get("budget"):
+            rep["job_on_2080ti"] = estimate_job(a, cfg, rep)
     rep["verdict"] = verdict(a, rep)
     return rep
+
+
+def estimate_job(a, cfg: dict, rep: dict) -> dict:
+    """The users' whole job (samples x epochs on `--num-gpus` 2080 Ti over PCIe 3.0), from what this run
+    measured: bytes per micro-step (card-independent), the compute kernels' share of peak FLOPs (assumed to
+    carry over to the 57 TFLOPS of a 2080 Ti) and the idle time of ZeRO-3's hooks. Per micro-step the
+    estimate runs from perfect overlap, max(compute, link), to none, compute + link + idle. Without --data
+    every sample is taken at the probed length (an upper bound)."""
+    import numpy as np
+
+    from chatts_train.sampler import pack_plan
+
+    budget = rep["budget"]
+    _, hw = flops_per_micro_step(cfg, rep["seq_len"])
+    efficiency = hw / budget["compute_busy_s"] / (PEAK_TFLOPS[rep.get("card") or "H200"] * 1e12)
+    gathered = rep["link_bytes_per_micro_step"].get("all_gather", 0)
+    sent = sum(rep["link_bytes_per_micro_step"].values())
+    # parameter offload copies this rank's part of every gathered weight to the GPU first: 1/(w-1) of its link bytes
+    h2d = gathered / max(a.num_gpus - 1, 1) if rep["offload"] == "param" else 0
+    link_s = (sent + h2d) / PCIE3_BYTES_S
+    lengths = np.array(getattr(a, "lengths", None) or [rep["seq_len"]] * a.samples)
+
+    def job(step_lengths) -> tuple[float, float]:
+        compute = np.array([flops_per_micro_step(cfg, int(n))[1] for n in step_lengths]) / (57e12 * efficiency)
+        scale = a.epochs / a.num_gpus
+        return (float(np.maximum(compute, link_s).sum() * scale / 60),
+                float((compute + link_s + budget["idle_s"]).sum() * scale / 60))
+
+    # packed as the loop packs a shuffled epoch (--packing)
+    packs = [int(lengths[p].sum()) for p in pack_plan(lengths, np.random.default_rng(0).permutation(len(lengths)), a.cutoff_len)]
+    unpacked, packed = job(lengths), job(packs)
+    return {"offload": rep["offload"], "samples": int(len(lengths)), "epochs": a.epochs, "gpus": a.num_gpus,
+            "compute_efficiency": round(efficiency, 3), "link_gib_per_micro_step": round((sent + h2d) / GiB, 2),
+            "link_s_per_micro_step": round(link_s, 2), "idle_s_per_micro_step": budget["idle_s"],
+            "unpacked_minutes": [round(x, 1) for x in unpacked], "packs": len(packs),
+            "packed_minutes": [round(x, 1) for x in packed], "users_expectation_minutes": [30, 45]}
 
 
 def verdict(a, rep: dict) -> str:
@@ -336,12 +497,22 @@ def main(argv=None) -> None:
     if a.worker is not None:
         return worker(a)
     report_to, sys.stdout = sys.stdout, sys.stderr  # library logs (DeepSpeed prints to stdout) stay off the report
+    baseline = run_probe(a, "hf") if a.baseline else None
     rep = run_probe(a)
     rep["config_written"] = write_config(a, rep)
+    if baseline:
+        rep["baseline"] = {k: baseline.get(k) for k in ("recipe", "ok", "micro_step_s", "tokens_per_s_per_gpu", "mfu",
+                                                       "device_peak_gib", "peak_allocated_gib", "peak_reserved_gib",
+                                                       "alloc_retries", "link_bytes_per_micro_step", "budget", "losses",
+                                                       "time_to_first_step_s", "verdict")}
+        if rep["ok"] and baseline["ok"]:
+            rep["baseline"]["speedup"] = round(baseline["micro_step_s"] / rep["micro_step_s"], 3)
+            rep["baseline"]["allocated_saved_gib"] = round(baseline["peak_allocated_gib"] - rep["peak_allocated_gib"], 2)
     if a.compare_offload:
         other = run_probe(argparse.Namespace(**{**vars(a), "offload": a.compare_offload}))
         rep["compare"] = {k: other.get(k) for k in ("offload", "ok", "micro_step_s", "device_peak_gib",
-                                                    "peak_allocated_gib", "time_to_first_step_s", "verdict")}
+                                                    "peak_allocated_gib", "peak_reserved_gib", "time_to_first_step_s",
+                                                    "link_bytes_per_micro_step", "budget", "job_on_2080ti", "verdict")}
         if rep["ok"] and other["ok"]:
             rep["compare"]["step_time_ratio"] = round(other["micro_step_s"] / rep["micro_step_s"], 3)
     sys.stdout = report_to
@@ -350,7 +521,7 @@ def main(argv=None) -> None:
         return
     keys = ["seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
             "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_rss_after_load_gib", "host_peak_gib",
-            "estimated_job_s"]
+            "estimated_job_s", "link_bytes_per_micro_step", "job_on_2080ti"]
     print(f"\nmemprobe: {a.num_gpus} GPU(s), offload {rep['offload']}, cap {a.gpu_mem_gb} GiB")
     for k in keys:
         if k in rep:
@@ -365,6 +536,12 @@ def main(argv=None) -> None:
     print(f"verdict: {rep['verdict']}")
     if "compare" in rep:
         print(f"compare: {rep['compare']}")
+    if "baseline" in rep:
+        b = rep["baseline"]
+        print(f"usual recipe: {b['micro_step_s']} s/micro-step, {b['peak_allocated_gib']} GiB allocated, device peak "
+              f"{b['device_peak_gib']} GiB; ours {b.get('speedup', '-')}x its speed, {b.get('allocated_saved_gib', '-')} GiB less")
+    if rep.get("budget"):
+        print(f"micro-step budget (rank 0): {rep['budget']}")
     if rep["config_written"]:
         print(f"wrote {rep['config_written']}")
 

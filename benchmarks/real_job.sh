@@ -5,11 +5,12 @@
 # for $STEPS optimizer steps (GA 8 x 2 GPUs) without offload and with parameter offload, each process
 # capped to $CAP GiB; after each run, memprobe on the same folder at the run's longest sequence, and the
 # two compared (loop_vs_probe.py). Also the host RAM of loading: our loader against transformers'.
-#   [PHASES="write none param rss"] bash benchmarks/real_job.sh   (GPU machine, wheels installed, PATH/PYTHONPATH set)
-# Results in $OUT (at most 8 files): real_job.log, launch_<offload>.log, metrics_<offload>.jsonl,
-# probe_<offload>.json, probes.err.
+#   [PHASES="write none param rss"] [EXTRA="--packing"] [TAG=_packed] bash benchmarks/real_job.sh
+#   (GPU machine, wheels installed, PATH/PYTHONPATH set)
+# Results in $OUT (at most 8 files): real_job.log, launch_<offload><TAG>.log, metrics_<offload><TAG>.jsonl,
+# probe_<offload><TAG>.json, probes.err.
 set -uo pipefail
-OUT=${OUT:-runs/real_job}; W=${WORK:-runs/real}; STEPS=${STEPS:-3}; CAP=${CAP:-22}
+OUT=${OUT:-runs/real_job}; W=${WORK:-runs/real}; STEPS=${STEPS:-3}; CAP=${CAP:-22}; TAG=${TAG:-}
 mkdir -p "$OUT" "$W"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/real_job.log"; }
@@ -24,19 +25,19 @@ for phase in ${PHASES:-write none param rss}; do
     [ -f "$W/data/dataset_info.json" ] || python3 -m chatts_train.cli make-data --out "$W/data" --scale 0.25 >> "$OUT/real_job.log" 2>&1
     ;;
   none|param)
-    log "MODEL_PATH=$MODEL DATASET_DIR=$W/data OUTPUT=$W/run_$phase bash launch.sh --offload $phase --max_steps $STEPS --gpu_memory_cap_gib $CAP --save_steps 0 --plot false --tensorboard false ${EXTRA:-}"
-    rm -rf "$W/run_$phase"
-    MODEL_PATH=$MODEL DATASET_DIR=$W/data OUTPUT=$W/run_$phase timeout 240 bash launch.sh --offload "$phase" \
+    log "MODEL_PATH=$MODEL DATASET_DIR=$W/data OUTPUT=$W/run_$phase$TAG bash launch.sh --offload $phase --max_steps $STEPS --gpu_memory_cap_gib $CAP --save_steps 0 --plot false --tensorboard false ${EXTRA:-}"
+    rm -rf "$W/run_$phase$TAG"
+    MODEL_PATH=$MODEL DATASET_DIR=$W/data OUTPUT=$W/run_$phase$TAG timeout 240 bash launch.sh --offload "$phase" \
       --max_steps "$STEPS" --gpu_memory_cap_gib "$CAP" --save_steps 0 --plot false --tensorboard false ${EXTRA:-} \
-      > "$OUT/launch_$phase.log" 2>&1
+      > "$OUT/launch_$phase$TAG.log" 2>&1
     log "launch.sh rc $?"
-    grep -E "^\[(data|host|model)\]|^error|run summary" "$OUT/launch_$phase.log" | tee -a "$OUT/real_job.log"
-    cp "$W/run_$phase/metrics.jsonl" "$OUT/metrics_$phase.jsonl" 2>/dev/null
-    L=$(python3 -c "import json; print(max(json.loads(l)['max_seq_len'] for l in open('$W/run_$phase/metrics.jsonl')))") || continue
+    grep -E "^\[(data|host|model)\]|^error|run summary" "$OUT/launch_$phase$TAG.log" | tee -a "$OUT/real_job.log"
+    cp "$W/run_$phase$TAG/metrics.jsonl" "$OUT/metrics_$phase$TAG.jsonl" 2>/dev/null
+    L=$(python3 -c "import json; print(max(json.loads(l)['max_seq_len'] for l in open('$W/run_$phase$TAG/metrics.jsonl')))") || continue
     log "python3 benchmarks/memprobe.py --model $MODEL --offload $phase --seq-len $L --gpu-mem-gb $CAP --json"
     timeout 200 python3 benchmarks/memprobe.py --model "$MODEL" --offload "$phase" --seq-len "$L" --gpu-mem-gb "$CAP" \
-      --json > "$OUT/probe_$phase.json" 2>> "$OUT/probes.err"
-    python3 benchmarks/loop_vs_probe.py "$W/run_$phase" "$OUT/probe_$phase.json" | tee -a "$OUT/real_job.log"
+      --json > "$OUT/probe_$phase$TAG.json" 2>> "$OUT/probes.err"
+    python3 benchmarks/loop_vs_probe.py "$W/run_$phase$TAG" "$OUT/probe_$phase$TAG.json" | tee -a "$OUT/real_job.log"
     ;;
   rss)
     for loader in ${LOADERS:-ours transformers}; do

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import vocab_parallel
 from .errors import CheckpointError, read_json_object
 from .timeseries import TSSpec
 from .tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
@@ -94,17 +95,26 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
             raise CheckpointError("config has no `ts` block: this is not a ChatTS checkpoint")
         super().__init__(config)
         self.ts_encoder = TimeSeriesEncoder(config)
+        # True: transformers' own loss over full-vocabulary logits at every position, the usual recipe, kept
+        # as the baseline of `benchmarks/memprobe.py --baseline hf` and as a reference in tests.
+        self.full_vocabulary_loss = False
         self.post_init()
 
     def embed(self, input_ids: torch.Tensor, ts_patches: Optional[torch.Tensor] = None,
-              ts_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+              ts_positions: Optional[torch.Tensor] = None, from_slices: bool = False) -> torch.Tensor:
         """Token embeddings with every `<ts>` position overwritten by its encoder row, in order.
 
         The encoder runs on every call, also with zero rows: under ZeRO-3 every rank must run the same
         modules each step or the parameter all-gathers deadlock. Without rows (a decoding step) no position
-        is overwritten, even if the model itself generated a `<ts>` token.
+        is overwritten, even if the model itself generated a `<ts>` token. `from_slices`: look the rows up
+        in each rank's ZeRO-3 slice (vocab_parallel.py) instead of gathering the whole table; collective.
         """
-        embeds = self.model.embed_tokens(input_ids)
+        if from_slices:
+            embeds = vocab_parallel.embedding_lookup(vocab_parallel.weight_of(self.model.embed_tokens), input_ids)
+            if torch.is_grad_enabled():  # what PEFT's input-require-grads hook on the skipped module does
+                embeds.requires_grad_()
+        else:
+            embeds = self.model.embed_tokens(input_ids)
         spec = self.config.ts_spec
         if ts_patches is None:
             ts_patches = embeds.new_zeros(0, spec.patch_size)
@@ -143,8 +153,14 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         ts_positions: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> ChatTSOutput:
+        # Training and scoring under ZeRO-3 read the vocabulary matrices from each rank's slice instead of
+        # gathering 1.45 GiB each; generation (no labels: ranks may decode different lengths) gathers.
+        head = vocab_parallel.weight_of(self.lm_head)
+        sliced = labels is not None and not self.full_vocabulary_loss and vocab_parallel.partitioned(head)
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, ts_patches, ts_positions)
+            table = vocab_parallel.weight_of(self.model.embed_tokens)
+            inputs_embeds = self.embed(input_ids, ts_patches, ts_positions,
+                                       from_slices=sliced and vocab_parallel.partitioned(table))
         if labels is not None:
             # No KV cache in training: it costs memory, and with one transformers cannot see that restarting
             # position_ids mean packed samples (it then would not keep attention inside each sample).
@@ -162,13 +178,21 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         if labels is None:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             return ChatTSOutput(logits=self.lm_head(hidden[:, keep, :]), past_key_values=out.past_key_values)
-        # Logits only where a label exists: the full [seq x 152064] logits (and their fp32 copies) would
-        # cost several GB at 4096 tokens for the ~100 answer tokens that carry a loss.
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden[:, :-1][mask]).float()
-        loss_sum = F.cross_entropy(logits, targets[mask], reduction="sum")
         num_tokens = mask.sum()
+        if self.full_vocabulary_loss:
+            logits = self.lm_head(hidden)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+            return ChatTSOutput(loss=loss, loss_sum=loss * num_tokens, num_tokens=num_tokens, logits=logits)
+        # Logits only where a label exists: the full [seq x 152064] logits (and their fp32 copies) would
+        # cost several GB at 4096 tokens for the ~100 answer tokens that carry a loss.
+        if sliced:
+            logits = None
+            loss_sum = vocab_parallel.cross_entropy_sum(hidden[:, :-1][mask], head, targets[mask])
+        else:
+            logits = self.lm_head(hidden[:, :-1][mask]).float()
+            loss_sum = F.cross_entropy(logits, targets[mask], reduction="sum")
         return ChatTSOutput(loss=loss_sum / num_tokens.clamp(min=1), loss_sum=loss_sum, num_tokens=num_tokens,
                             logits=logits, past_key_values=out.past_key_values)
 

@@ -147,10 +147,14 @@ class ChatTSProcessor:
         return collate(encoded, pad_id=self.tokenizer.pad_token_id, padding_side="left")
 
     def _checked(self, series) -> np.ndarray:
-        """The series as float64, or a ValueError for what training would reject (NaN, non-numbers, ...)."""
+        """The series as an array, or a ValueError for what training would reject (NaN, non-numbers, ...).
+        A floating numpy array keeps its dtype, as in the official processor (`np.array(timeseries)`): its
+        prefix statistics and normalised values are then computed in float32 for float32 input."""
         x = check_series(series.tolist() if isinstance(series, np.ndarray) else list(series), self.spec)
         if isinstance(x, str):
             raise ValueError(f"bad series: {x}")
+        if isinstance(series, np.ndarray) and series.dtype.kind == "f":
+            return series
         return x
 
 

@@ -60,11 +60,14 @@ def normalise(x: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def prefix(x: np.ndarray, mean: float, scale: float, spec: TSSpec) -> str:
-    """The text the official processor writes before a series' `<ts><ts/>` pair."""
+    """The text the official processor writes before a series' `<ts><ts/>` pair, digit for digit: its
+    statistics in the series' own dtype (float32 input gives float32 means), max/min as Python's built-ins
+    pick them (the first of equal values, so 0.0 and -0.0 print as the official prompt prints them)."""
     if spec.use_position_embedding:
+        top, bottom = x[np.flatnonzero(x == np.max(x))[0]], x[np.flatnonzero(x == np.min(x))[0]]
         return (
-            f"[offset={-mean:.4f}|scaling={scale:.4f}|length={len(x)}|max={np.max(x):.4f}"
-            f"|min={np.min(x):.4f}|left={x[0]:.4f}|right={x[-1]:.4f}]"
+            f"[offset={-mean:.4f}|scaling={scale:.4f}|length={len(x)}|max={top:.4f}"
+            f"|min={bottom:.4f}|left={x[0]:.4f}|right={x[-1]:.4f}]"
         )
     return f"[Value Offset: {-mean:.4f}|Value Scaling: {scale:.4f}]"
 

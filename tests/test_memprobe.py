@@ -26,7 +26,8 @@ def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, proces
 
     out = tmp_path / "ds_no_offload.json"
     rep = probe("--model", tiny["0801"], "--no-offload", "--data", "hbsn", "--dataset-dir", synthetic, "--grad-accum",
-                "2", "--steps", "1", "--write-config", str(out), "--compare-offload", "param", port="29622")
+                "2", "--steps", "1", "--write-config", str(out), "--compare-offload", "param", "--baseline", "hf",
+                port="29622")
     index = index_data(resolve_sources("hbsn", synthetic), processors["0801"], 4096)
     assert rep["ok"] and rep["seq_len"] == int(index.length.max()) and rep["offload"] == "none"  # the longest sample
     assert [x["micro_steps"] for x in rep["ranks"]] == [2, 2] and all(x["optimizer_steps"] == 1 for x in rep["ranks"])
@@ -39,6 +40,13 @@ def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, proces
     assert rep["compare"]["offload"] == "param" and rep["compare"]["ok"] and rep["compare"]["step_time_ratio"] > 0
     # host RAM: the process itself, no pinned weights without offload
     assert rep["host_need"]["pinned_partition_gib"] == 0 and rep["host_need"]["per_rank_gib"] > 0
+    # the usual recipe on the same weights and sample: transformers' full-vocabulary loss equals ours, computed
+    # from each rank's slice of lm_head (vocab_parallel.py); it gathers the vocabulary matrices, we do not
+    base = rep["baseline"]
+    assert base["ok"] and base["recipe"] == "hf" and base["speedup"] > 0
+    assert abs(base["losses"][0] - rep["losses"][0]) < 1e-4 * abs(rep["losses"][0])
+    vocab_bytes = 2 * 152064 * 64 * 4 / 2  # embed_tokens + lm_head of the tiny model, fp32, half arrives per rank
+    assert base["link_bytes_per_micro_step"]["all_gather"] - rep["link_bytes_per_micro_step"]["all_gather"] >= vocab_bytes
 
 
 @pytest.mark.slow

@@ -103,3 +103,29 @@ def test_processor_call_pads_left_like_the_official_one_and_rejects_nan(processo
         proc("x <ts><ts/>", [[1.0, float("nan")]])
     with pytest.raises(ValueError, match="non-numeric value True"):
         proc("x <ts><ts/>", [[True, 1.0]])
+
+
+def official_prefix(timeseries) -> str:
+    """The 0801 prefix as the official processor's `sp_encoding` writes it (CHATTS_FORMAT.md): statistics in
+    the array's own dtype, max/min by Python's built-ins."""
+    ts = np.array(timeseries)
+    mean = np.mean(ts)
+    scale = 1.0
+    if np.any(np.abs(ts - mean) >= 3.0):
+        scale = np.max(np.abs(ts - mean)) / 3.0
+    return (f"[offset={-mean:.4f}|scaling={scale:.4f}|length={len(ts)}|max={max(ts):.4f}|min={min(ts):.4f}"
+            f"|left={ts[0]:.4f}|right={ts[-1]:.4f}]<ts><ts/>")
+
+
+def test_prefix_digits_match_the_official_processor_for_float32_and_signed_zeros(processors):
+    proc = processors["0801"]
+    x32 = (np.random.default_rng(0).normal(size=5000) * 50 + 1234.567).astype(np.float32)
+    assert f"{-np.mean(x32):.4f}" != f"{-np.mean(x32.astype(np.float64)):.4f}"  # the case tells the two apart
+    zeros = [np.array([0.0, -0.0, -1.0]), np.array([1.0, -0.0, 0.0])]  # np.max / np.min pick the other zero
+    assert [f"{np.max(z):.4f}|{np.min(z):.4f}" for z in zeros] != [f"{max(z):.4f}|{min(z):.4f}" for z in zeros]
+    for series in [x32, *zeros, [0.0, -0.0, -1.0]]:
+        assert proc(text="<ts><ts/>", timeseries=[series], tokenize=False)["text"][0] == official_prefix(series)
+    # the values the encoder sees are normalised in float32 too, as the official ones are
+    z = proc(text="<ts><ts/>", timeseries=[x32], tokenize=False)["timeseries"][0]
+    mean = np.mean(x32)
+    assert z.dtype == np.float32 and np.array_equal(z, (x32 - mean) / (np.max(np.abs(x32 - mean)) / np.float32(3.0)))

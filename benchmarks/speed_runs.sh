@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 9's side-by-side probes of the ChatTS-14B-0801 shape (built from config, random values) on 2 GPUs:
+# the usual recipe and ours from one run, ours under a 22 GiB cap per process, parameter offload, the users'
+# lengths (421 samples of make-data --scale 1, the ratio of offload to none and the 2080 Ti job estimate),
+# and ZeRO++ quantized weight gathers. One JSON report per variant in $OUT, kernel tables in $OUT/kernels.txt.
+#   bash benchmarks/speed_runs.sh VARIANT...   (GPU machine, wheels installed, PATH/PYTHONPATH set)
+set -uo pipefail
+OUT=${OUT:-runs/speed}; W=${WORK:-runs/speed_work}; mkdir -p "$OUT" "$W/prof"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+USERS="--data gdsh,hbsn,whlj,zhlh --dataset-dir $W/data --tokenizer $W/tiny"
+declare -A V=(
+  [baseline_4096]="--no-offload --seq-len 4096 --baseline hf --profile $W/prof"
+  [ours_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22"
+  [param_cap22_4096]="--offload param --seq-len 4096 --gpu-mem-gb 22 --profile $W/prof"
+  [users_param]="--offload param --gpu-mem-gb 22 $USERS --profile $W/prof --compare-offload none"
+  [users_none]="--no-offload --gpu-mem-gb 22 $USERS --profile $W/prof"
+  [zpp_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --zero zero_quantized_weights=true"
+)
+for name in "$@"; do
+  if [[ $name == users_* && ! -f $W/data/dataset_info.json ]]; then  # the users' shape: 421 samples, tokenizer + ts config
+    python3 -m chatts_train.cli make-tiny --out "$W/tiny" >> "$OUT/speed.err" 2>&1
+    python3 -m chatts_train.cli make-data --out "$W/data" --scale 1 >> "$OUT/speed.err" 2>&1
+  fi
+  echo "== $name ($(date +%T)): python3 benchmarks/memprobe.py ${V[$name]} --json" | tee -a "$OUT/speed.log"
+  timeout "${T:-420}" python3 benchmarks/memprobe.py ${V[$name]} --json > "$OUT/$name.json" 2>> "$OUT/speed.err"
+  python3 - "$OUT/$name.json" <<'PY' | tee -a "$OUT/speed.log"
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    sys.exit(f"no report: {e}")
+keys = ("ok", "seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "device_peak_gib", "peak_allocated_gib",
+        "peak_reserved_gib", "alloc_retries", "link_bytes_per_micro_step", "budget", "job_on_2080ti", "baseline",
+        "compare", "verdict")
+for k in keys:
+    if k in r:
+        print(f"  {k}: {r[k]}")
+print("  losses:", [round(x, 4) for x in r.get("losses") or []])
+PY
+done
+for f in "$W"/prof/*.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done > "$OUT/kernels.txt"
