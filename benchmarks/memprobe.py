@@ -55,6 +55,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-gb", type=float, default=20.0, help="offload can go under this device-level peak (GiB)")
     p.add_argument("--card", default=None, help="peak-FLOPs key for MFU (2080 Ti, H100, H200); default: detected")
     p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    p.add_argument("--checkpoints-on-cpu", action="store_true", help="as --checkpoints_on_cpu in training")
+    p.add_argument("--whole-layers", action="store_true", help="as --gather_whole_layers in training")
     p.add_argument("--attn", default=None, help="sdpa (default), flash_attention_2, eager")
     p.add_argument("--write-config", default=None, help="where to write the verdict's DeepSpeed config")
     p.add_argument("--samples", type=int, default=421, help="for the job-time estimate")
@@ -67,6 +69,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile one steady micro-step on rank 0 (torch.profiler): its time budget in the report, "
                         "the kernel table in DIR")
+    p.add_argument("--phases", action="store_true",
+                   help="report the peak allocated memory inside forward, backward and step separately (resets the "
+                        "peak counters: the overall peaks are then the phases' maximum)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--recipe", default="ours", help=argparse.SUPPRESS)
@@ -211,7 +216,8 @@ def worker(a: argparse.Namespace) -> None:
     from chatts_train.weights import checkpoint_bytes, largest_shard_bytes
 
     cfg = TrainConfig(model_path=a.model or "", learning_rate=1e-4, attn_implementation=a.attn,
-                      gradient_checkpointing=not a.no_checkpointing, gpu_memory_cap_gib=a.gpu_mem_gb)
+                      gradient_checkpointing=not a.no_checkpointing, gpu_memory_cap_gib=a.gpu_mem_gb,
+                      checkpoints_on_cpu=a.checkpoints_on_cpu, gather_whole_layers=a.whole_layers)
     rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
     gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
     ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
@@ -249,6 +255,7 @@ def worker(a: argparse.Namespace) -> None:
         result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
         sync = torch.cuda.synchronize if gpu else (lambda: None)
         traffic = count_traffic()
+        phases = PhasePeaks(engine, device) if a.phases and gpu else None
         times, losses, warm_traffic = [], [], {}
         n_steps = a.steps * a.grad_accum
         for i in range(n_steps):
@@ -265,7 +272,8 @@ def worker(a: argparse.Namespace) -> None:
             if prof is not None:
                 prof.__exit__(None, None, None)
                 result["budget"] = kernel_budget(prof, times[-1])
-                write_kernel_table(prof, a.profile, f"{a.recipe}_{a.offload or 'config'}_{result['seq_len']}")
+                flags = "_hostckpt" * a.checkpoints_on_cpu + "_layers" * a.whole_layers
+                write_kernel_table(prof, a.profile, f"{a.recipe}_{a.offload or 'config'}_{result['seq_len']}{flags}")
             losses.append(loss)
             result["micro_steps"] = i + 1
             if i + 1 == a.grad_accum:
@@ -277,6 +285,9 @@ def worker(a: argparse.Namespace) -> None:
         result.update(ok=True, micro_step_s=sorted(steady)[len(steady) // 2], micro_step_times=times, losses=losses,
                       optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
         result.update(memory(device))
+        if phases:
+            result["phase_peak_allocated_gib"] = phases.peaks
+            result["peak_allocated_gib"] = max(phases.peaks.values())
     except torch.OutOfMemoryError as e:
         result.update(ok=False, oom=True, error=str(e).split("\n")[0][:300], **memory(device))
     sampler.running = False
@@ -288,6 +299,27 @@ def worker(a: argparse.Namespace) -> None:
         json.dump(result, f)
     if result.get("oom"):
         os._exit(3)  # the other ranks may be stuck in a collective; the parent ends them
+
+
+class PhasePeaks:
+    """Peak allocated GiB inside the engine's forward, backward and step, by wrapping those methods on this
+    engine instance (micro_step itself is unchanged)."""
+
+    def __init__(self, engine, device):
+        self.peaks: dict[str, float] = {}
+        for name in ("forward", "backward", "step"):
+            setattr(engine, name, self._wrap(getattr(engine, name), name, device))
+
+    def _wrap(self, fn, name, device):
+        import torch
+
+        def call(*args, **kwargs):
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.peaks[name] = max(self.peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / GiB)
+        return call
 
 
 def start_profile():
@@ -410,6 +442,8 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
                    link_bytes_per_micro_step={k: round(max(r["link_bytes_per_micro_step"][k] for r in ranks))
                                               for k in ranks[0].get("link_bytes_per_micro_step", {})},
                    budget=ranks[0].get("budget"),
+                   phase_peak_allocated_gib={k: round(max(r["phase_peak_allocated_gib"][k] for r in ranks), 2)
+                                             for k in ranks[0].get("phase_peak_allocated_gib", {})},
                    # an upper bound: every sample costs a micro-step at the probed (worst-case) length
                    estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))
         if card:

@@ -7,7 +7,8 @@
 set -uo pipefail
 OUT=${OUT:-runs/speed}; W=${WORK:-runs/speed_work}; mkdir -p "$OUT" "$W/prof"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-USERS="--data gdsh,hbsn,whlj,zhlh --dataset-dir $W/data --tokenizer $W/tiny"
+# the users' data needs a tokenizer + ts config folder: $TOKENIZER (tokenizer files + a ChatTS config.json)
+USERS="--data gdsh,hbsn,whlj,zhlh --dataset-dir $W/data --tokenizer ${TOKENIZER:-$W/tiny}"
 declare -A V=(
   [baseline_4096]="--no-offload --seq-len 4096 --baseline hf --profile $W/prof"
   [ours_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22"
@@ -15,10 +16,14 @@ declare -A V=(
   [users_param]="--offload param --gpu-mem-gb 22 $USERS --profile $W/prof --compare-offload none"
   [users_none]="--no-offload --gpu-mem-gb 22 $USERS --profile $W/prof"
   [zpp_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --zero zero_quantized_weights=true"
+  [hostckpt_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --checkpoints-on-cpu --profile $W/prof"
+  [phases_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --phases"
+  [live1e8_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --zero stage3_max_live_parameters=1e8 --phases"
+  [layers_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --whole-layers --profile $W/prof"
 )
 for name in "$@"; do
   if [[ $name == users_* && ! -f $W/data/dataset_info.json ]]; then  # the users' shape: 421 samples, tokenizer + ts config
-    python3 -m chatts_train.cli make-tiny --out "$W/tiny" >> "$OUT/speed.err" 2>&1
+    [ -n "${TOKENIZER:-}" ] || python3 -m chatts_train.cli make-tiny --out "$W/tiny" >> "$OUT/speed.err" 2>&1
     python3 -m chatts_train.cli make-data --out "$W/data" --scale 1 >> "$OUT/speed.err" 2>&1
   fi
   echo "== $name ($(date +%T)): python3 benchmarks/memprobe.py ${V[$name]} --json" | tee -a "$OUT/speed.log"
@@ -30,7 +35,7 @@ try:
 except Exception as e:
     sys.exit(f"no report: {e}")
 keys = ("ok", "seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "device_peak_gib", "peak_allocated_gib",
-        "peak_reserved_gib", "alloc_retries", "link_bytes_per_micro_step", "budget", "job_on_2080ti", "baseline",
+        "peak_reserved_gib", "alloc_retries", "phase_peak_allocated_gib", "link_bytes_per_micro_step", "budget", "job_on_2080ti", "baseline",
         "compare", "verdict")
 for k in keys:
     if k in r:

@@ -71,7 +71,15 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, shape: Optional
     Returns (engine, hf_ds); keep hf_ds alive as long as the engine."""
     blocking_gathers_on_cpu()
     model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, cfg.attn_implementation, config=shape)
-    engine = build_engine(add_lora(model, cfg, cfg.gradient_checkpointing), ds, cfg, total_steps)
+    model.checkpoints_on_cpu = cfg.checkpoints_on_cpu
+    model = add_lora(model, cfg, cfg.gradient_checkpointing)
+    if cfg.gather_whole_layers:
+        # one all-gather and one hook pair per decoder layer instead of per Linear: the hooks' CPU time is
+        # where a ZeRO-3 micro-step's GPU sits idle (benchmarks/RESULTS.md, the micro-step budget)
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [type(decoder_layers(model)[0])])
+    engine = build_engine(model, ds, cfg, total_steps)
     engine.train()
     return engine, hf_ds
 
@@ -106,6 +114,8 @@ def describe_setup(engine) -> dict:
         "checkpointing_reentrant": _reentrant(model),
         "input_requires_grad_hook": getattr(model.get_base_model(), "_require_grads_hook", None) is not None,
         "attention": model.config._attn_implementation,
+        "checkpoints_on_cpu": bool(getattr(model.get_base_model(), "checkpoints_on_cpu", False)),
+        "whole_layer_gathers": any(getattr(m, "_z3_leaf", False) for m in layers),
         "frozen_dtypes": frozen,
         "trainable": trainable,
         "trainable_numel": int(sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)),

@@ -12,6 +12,7 @@ is known before the forward and labels line up; the k-th row goes to the k-th `<
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,6 +99,8 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         # True: transformers' own loss over full-vocabulary logits at every position, the usual recipe, kept
         # as the baseline of `benchmarks/memprobe.py --baseline hf` and as a reference in tests.
         self.full_vocabulary_loss = False
+        # True: the decoder layers' checkpointed inputs wait for the backward in pinned host memory
+        self.checkpoints_on_cpu = False
         self.post_init()
 
     def embed(self, input_ids: torch.Tensor, ts_patches: Optional[torch.Tensor] = None,
@@ -165,15 +168,19 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
             # No KV cache in training: it costs memory, and with one transformers cannot see that restarting
             # position_ids mean packed samples (it then would not keep attention inside each sample).
             use_cache = False
-        out = self.model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            cache_position=cache_position,
-            **kwargs,
-        )
+        # With reentrant checkpointing the layers run without autograd in the forward: what autograd saves
+        # there is each layer's input, so saving to the host moves exactly the checkpoints.
+        to_host = self.checkpoints_on_cpu and self.training and torch.is_grad_enabled()
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if to_host else nullcontext():
+            out = self.model(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                cache_position=cache_position,
+                **kwargs,
+            )
         hidden = out.last_hidden_state
         if labels is None:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
