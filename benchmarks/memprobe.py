@@ -278,7 +278,11 @@ def worker(a: argparse.Namespace) -> None:
             result["micro_steps"] = i + 1
             if i + 1 == a.grad_accum:
                 result["first_step_done_s"] = time.time() - a.t0
-        steady = times[a.grad_accum:] or times
+        # the profiled micro-step runs slower under the profiler: reported, but not in the steady median
+        profiled = n_steps - 2 if "budget" in result else None
+        steady = [t for i, t in enumerate(times) if i >= a.grad_accum and i != profiled] or times
+        if profiled is not None:
+            result["profiled_micro_step_s"] = times[profiled]
         counted_steps = n_steps - a.grad_accum if warm_traffic else n_steps
         result["link_bytes_per_micro_step"] = {k: (v - warm_traffic.get(k, 0.0)) / max(counted_steps, 1)
                                                for k, v in traffic.items()}
@@ -287,7 +291,7 @@ def worker(a: argparse.Namespace) -> None:
         result.update(memory(device))
         if phases:
             result["phase_peak_allocated_gib"] = phases.peaks
-            result["peak_allocated_gib"] = max(phases.peaks.values())
+            result["peak_allocated_gib"] = max(v for k, v in phases.peaks.items() if not k.endswith("_start"))
     except torch.OutOfMemoryError as e:
         result.update(ok=False, oom=True, error=str(e).split("\n")[0][:300], **memory(device))
     sampler.running = False
@@ -302,8 +306,8 @@ def worker(a: argparse.Namespace) -> None:
 
 
 class PhasePeaks:
-    """Peak allocated GiB inside the engine's forward, backward and step, by wrapping those methods on this
-    engine instance (micro_step itself is unchanged)."""
+    """Peak allocated GiB inside the engine's forward, backward and step, and allocated at their start, by
+    wrapping those methods on this engine instance (micro_step itself is unchanged)."""
 
     def __init__(self, engine, device):
         self.peaks: dict[str, float] = {}
@@ -314,6 +318,8 @@ class PhasePeaks:
         import torch
 
         def call(*args, **kwargs):
+            # what the phase starts with (after forward: the base, checkpoints and anything else kept)
+            self.peaks[f"{name}_start"] = max(self.peaks.get(f"{name}_start", 0.0), torch.cuda.memory_allocated(device) / GiB)
             torch.cuda.reset_peak_memory_stats(device)
             try:
                 return fn(*args, **kwargs)

@@ -17,6 +17,7 @@ declare -A V=(
   [users_none]="--no-offload --gpu-mem-gb 22 $USERS --profile $W/prof"
   [zpp_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --zero zero_quantized_weights=true"
   [hostckpt_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --checkpoints-on-cpu --profile $W/prof"
+  [hostckpt_phases_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --checkpoints-on-cpu --phases"
   [phases_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --phases"
   [live1e8_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --zero stage3_max_live_parameters=1e8 --phases"
   [layers_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --whole-layers --profile $W/prof"

@@ -24,6 +24,7 @@ _WHERE = {
     "processor": ["ChatTSProcessor"],
     "run": ["Run", "index_on_rank0", "setup"],
     "sampler": ["Sampler", "pack_plan"],
+    "vocab_parallel": ["cross_entropy_sum", "embedding_lookup"],
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = sorted(_MODULE_OF)

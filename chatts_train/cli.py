@@ -62,8 +62,11 @@ def _make_tiny(args: argparse.Namespace) -> None:
 
 
 def _make_data(args: argparse.Namespace) -> None:
-    from .standins.synthetic import USER_DATASETS, write_datasets
+    from .standins.synthetic import USER_DATASETS, write_anomaly_dataset, write_datasets
 
+    if args.task == "anomaly":
+        print(write_anomaly_dataset(args.out))
+        return
     sizes = {k: max(1, round(v * args.scale)) for k, v in USER_DATASETS.items()}
     print(write_datasets(args.out, sizes, args.length, args.seed))
 
@@ -123,6 +126,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.set_defaults(fn=_make_tiny)
     p = sub.add_parser("make-data", help="write the four synthetic datasets + dataset_info.json")
     p.add_argument("--out", required=True)
+    p.add_argument("--task", choices=["users", "anomaly"], default="users",
+                   help="users: the four datasets in the users' shape; anomaly: the demo's learnable task "
+                        "(spike or level shift, 160 samples of 128 points)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the users' 421 samples")
     p.add_argument("--length", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)

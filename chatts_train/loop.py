@@ -28,7 +28,7 @@ from .engine import check_training_mode, loss_scale
 from .errors import ChatTSTrainError, DataError, RankError, TrainingError
 from .hostmem import rss_gib
 from .metrics import MetricsLog, gather_named, memory_snapshot
-from .ranks import rank0_print
+from .ranks import killed_ranks, rank, rank0_print, sign_out
 from .run import Run, finish, score_held_out, setup
 from .runrecord import sample_names
 from .tokens import IGNORE_INDEX
@@ -213,19 +213,26 @@ def main(argv: Optional[list[str]] = None, step_fn: Callable = micro_step) -> No
         cfg = parse_config(TrainConfig, argv)
         train(cfg, step_fn)
     except ChatTSTrainError as e:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        me, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if isinstance(e, RankError) and world > 1:
-            print(f"error (rank {rank} of {world}): {e}", file=sys.stderr, flush=True)
-        elif rank == 0:
+            print(f"error (rank {me} of {world}): {e}", file=sys.stderr, flush=True)
+        elif me == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Exception as e:
         if not (dist.is_initialized() and is_peer_failure(e)):
             raise
         resume = f"; continue from {cfg.output_dir}/checkpoints with --resume" if cfg else ""
-        print(f"error (rank {dist.get_rank()}): stopped because another rank failed (its own error, if it could "
-              f"print one, is above; the launcher names its exit code){resume}", file=sys.stderr, flush=True)
+        killed = killed_ranks(cfg.output_dir) if cfg else []
+        why = (f"{', '.join(killed)} was killed without an error of its own (SIGKILL: often the kernel's out-of-"
+               f"memory killer when host RAM runs out; see `dmesg`)" if killed else
+               "another rank failed (its own error, if it could print one, is above; the launcher names its exit "
+               "code)")
+        print(f"error (rank {dist.get_rank()}): stopped because {why}{resume}", file=sys.stderr, flush=True)
         sys.exit(3)
+    finally:
+        if cfg:
+            sign_out(cfg.output_dir, rank())
 
 
 if __name__ == "__main__":

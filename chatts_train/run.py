@@ -24,7 +24,7 @@ from .evaluate import evaluate_samples, format_before_after, read_samples, score
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from .metrics import format_run_summary, gather_named, plot, summarise_run
 from .processor import ChatTSProcessor
-from .ranks import rank0_print
+from .ranks import ROLL_CALL, rank0_print, sign_in
 from .runrecord import RECORD, read_run_record, resume_changes, write_run_record
 from .sampler import Sampler
 from .weights import checkpoint_bytes, largest_shard_bytes
@@ -84,9 +84,11 @@ def setup(cfg: TrainConfig) -> Run:
         if cfg.overwrite_output_dir and not cfg.resume:
             shutil.rmtree(ckpt_root, ignore_errors=True)  # or rotation would mix the old run's steps with ours
         os.makedirs(cfg.output_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(cfg.output_dir, ROLL_CALL), ignore_errors=True)  # an earlier run's
         if not cfg.resume:
             write_run_record(cfg, ds, world, index, val_ids)
     dist.barrier()
+    sign_in(cfg.output_dir, rank)
 
     report_host_need(cfg.model_path, ds, world)
     engine, hf_ds = prepare_engine(cfg, ds, total_steps)

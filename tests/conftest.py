@@ -8,7 +8,7 @@ import torch
 
 from chatts_train.processor import ChatTSProcessor
 from chatts_train.standins.checkpoint import make_tiny_checkpoint
-from chatts_train.standins.synthetic import write_datasets, write_series_task
+from chatts_train.standins.synthetic import write_anomaly_dataset, write_datasets, write_series_task
 
 torch.set_num_threads(2)
 
@@ -48,7 +48,7 @@ def synthetic(tmp_path_factory):
     return write_datasets(str(tmp_path_factory.mktemp("data")), {"gdsh": 6, "hbsn": 5, "whlj": 4, "zhlh": 5})
 
 
-SCENARIOS = ("interrupted_and_resumed,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed,robustness,"
+SCENARIOS = ("interrupted_and_resumed,memory_options,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed,robustness,"
              "training_mode_and_setup,loader_matches_transformers,loss_weighting")
 
 
@@ -57,7 +57,7 @@ def results(tiny, tmp_path_factory):
     """One 2-process ZeRO-3 launch runs every scenario of dist_scenarios.py (each start costs tens of seconds)."""
     out = tmp_path_factory.mktemp("dist")
     write_series_task(str(out / "task.jsonl"), 48, length=120, seed=0)
-    write_series_task(str(out / "learn.jsonl"), 160, length=128, seed=1)
+    write_anomaly_dataset(str(out))  # anomaly.jsonl: the demo's task
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            os.path.join(os.path.dirname(__file__), "dist_scenarios.py"), str(out), tiny["0801"], SCENARIOS]

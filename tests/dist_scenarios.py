@@ -112,6 +112,22 @@ def interrupted_and_resumed():
             "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}
 
 
+def memory_options():
+    """--checkpoints_on_cpu and --gather_whole_layers change where tensors wait and how weights are gathered,
+    not what is computed: the same losses as the plain run of interrupted_and_resumed (same data, seed, lr)."""
+    ds = ds_config(os.path.join(OUT, "ds_fp32.json"))
+    out_dir = os.path.join(OUT, "options")
+    seen = {}
+
+    def watch(n, real, engine, batch, scale):
+        seen["setup"] = describe_setup(engine)
+        return real(engine, batch, scale)
+
+    train(base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=ds, output_dir=out_dir, max_steps=2,
+                   learning_rate=2e-3, checkpoints_on_cpu=True, gather_whole_layers=True), step_with(watch))
+    return {"rows": rows(out_dir), "setup": seen["setup"]}
+
+
 def training_mode_and_setup():
     """train() on the tiny checkpoint folder: every decoder layer runs in training mode, twice per micro-step
     (forward + reentrant checkpoint recompute); setup.json records the set-up the steps really ran with."""
@@ -299,13 +315,14 @@ def adapter_reproduces_engine():
 
 
 def learns_from_series():
-    """Spike vs level shift, same question every time: only the series tell the answer apart."""
+    """Spike vs level shift, same question every time: only the series tell the answer apart. The demo's task
+    and settings (launch.sh without a checkpoint)."""
     from peft import PeftModel
 
     ds = ds_config(os.path.join(OUT, "ds_learn.json"))
     out_dir = os.path.join(OUT, "learn")
-    summary = train(base_cfg(data=os.path.join(OUT, "learn.jsonl"), ds_config=ds, output_dir=out_dir, val_size=32,
-                             micro_batch=4, grad_accum=1, num_epochs=6, learning_rate=1e-2, encoder_lr=3e-3,
+    summary = train(base_cfg(data=os.path.join(OUT, "anomaly.jsonl"), ds_config=ds, output_dir=out_dir, val_size=32,
+                             micro_batch=4, grad_accum=1, num_epochs=10, learning_rate=1e-2, encoder_lr=3e-3,
                              train_encoder=True, lora_encoder=False, save_steps=0, seed=1, eval_at_start=True,
                              eval_at_end=True, eval_max_new_tokens=4))
     res = {}
@@ -313,9 +330,9 @@ def learns_from_series():
         from chatts_train.data import split
 
         processor = ChatTSProcessor.from_pretrained(CKPT)
-        with open(os.path.join(OUT, "learn.jsonl")) as f:
+        with open(os.path.join(OUT, "anomaly.jsonl")) as f:
             lines = [json.loads(x) for x in f]
-        index = index_data(resolve_sources(os.path.join(OUT, "learn.jsonl")), processor, 4096)
+        index = index_data(resolve_sources(os.path.join(OUT, "anomaly.jsonl")), processor, 4096)
         _, val_ids = split(index, 32, seed=1)
         val = [lines[int(index.line[i]) - 1] for i in val_ids]
         model = PeftModel.from_pretrained(load_model(CKPT, dtype=torch.float32), os.path.join(out_dir, "adapter")).eval()

@@ -1,5 +1,8 @@
-"""The training job's entry point (`chatts_train.loop.main`) with a CUDA out-of-memory error injected on
-rank 1 only, at its third micro-step. Run by test_errors.py under DeepSpeed's launcher."""
+"""The training job's entry point (`chatts_train.loop.main`) with a fault injected on rank 1 only, at its
+third micro-step: a CUDA out-of-memory error, or with FAULT=kill a SIGKILL of its own process (what the
+kernel's out-of-memory killer does). Run by test_errors.py under DeepSpeed's launcher."""
+import os
+import signal
 import sys
 
 import torch
@@ -10,6 +13,8 @@ from chatts_train.loop import main, micro_step
 
 def oom_on_rank1(engine, batch, token_scale):
     if dist.get_rank() == 1 and engine.micro_steps == 2:
+        if os.environ.get("FAULT") == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.45 GiB (injected on rank 1 only)")
     return micro_step(engine, batch, token_scale)
 

@@ -8,24 +8,37 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-@pytest.mark.slow
-def test_an_oom_on_rank_1_only_reaches_the_user_with_its_rank(tiny, tmp_path):
+def _faulty_run(tiny, tmp_path, port: str, **env) -> str:
+    """fault_main.py (rank 1 fails at its third micro-step) under DeepSpeed's launcher; its output."""
     data = tmp_path / "task.jsonl"
     from chatts_train.standins.synthetic import write_series_task
 
     write_series_task(str(data), 24, length=120, seed=0)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29541",
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
            os.path.join(ROOT, "tests", "fault_main.py"), "--model_path", tiny["0801"], "--data", str(data),
            "--output_dir", str(tmp_path / "run"), "--ds_config", os.path.join(ROOT, "ds_config.json"),
            "--fp16", "false", "--offload", "none", "--max_steps", "2", "--plot", "false", "--tensorboard", "false"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_cpu_env(**env), cwd=str(tmp_path))
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_an_oom_on_rank_1_only_reaches_the_user_with_its_rank(tiny, tmp_path):
+    out = _faulty_run(tiny, tmp_path, "29541")
     assert out.count("error (rank 1 of 2): CUDA out of memory at sequence length") == 1, out[-4000:]
     assert "task.jsonl:" in out and "--offload param" in out  # names the sample and what to try
     assert "Traceback" not in out, out[-4000:]
+
+
+@pytest.mark.slow
+def test_a_rank_killed_outright_is_named_by_its_peer(tiny, tmp_path):
+    """SIGKILL (the kernel's OOM killer) leaves no error of the rank's own: the other rank names it."""
+    out = _faulty_run(tiny, tmp_path, "29549", FAULT="kill")
+    assert "error (rank 0): stopped because rank 1 (pid " in out and "was killed without an error of its own" in out, \
+        out[-4000:]
+    assert "--resume" in out and "Traceback" not in out, out[-4000:]
 
 
 def test_a_missing_deepspeed_config_is_one_line_before_any_process_group(tiny, tmp_path):

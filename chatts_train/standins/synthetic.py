@@ -101,6 +101,21 @@ def write_datasets(out_dir: str, sizes: dict[str, int] | None = None, length: in
     return out_dir
 
 
+def write_anomaly_dataset(out_dir: str) -> str:
+    """The demo's learnable task as dataset `anomaly` of `out_dir` (added to its dataset_info.json): 160
+    spike / level-shift samples of 128 points, the settings the test suite shows the tiny model learns
+    (held-out exact match 0.0 before, ~0.9 after 6 epochs)."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_series_task(os.path.join(out_dir, "anomaly.jsonl"), 160, length=128, seed=1)
+    info_file = os.path.join(out_dir, "dataset_info.json")
+    info = json.load(open(info_file)) if os.path.exists(info_file) else {}
+    info["anomaly"] = {"file_name": "anomaly.jsonl",
+                       "columns": {"prompt": "input", "response": "output", "timeseries": "timeseries"}}
+    with open(info_file, "w") as f:
+        json.dump(info, f, indent=2)
+    return out_dir
+
+
 def write_series_task(path: str, count: int, length: int = 256, seed: int = 0) -> str:
     """A task whose answer depends only on the series (the question is always the same): does it hold a
     spike or a level shift? A model that ignores the series cannot beat chance (50%)."""
