@@ -36,8 +36,10 @@ def sign_in(output_dir: str, rank: int) -> None:
 
 
 def sign_out(output_dir: str, rank: int) -> None:
+    folder = os.path.join(output_dir, ROLL_CALL)
     try:
-        os.remove(os.path.join(output_dir, ROLL_CALL, f"rank{rank}.json"))
+        os.remove(os.path.join(folder, f"rank{rank}.json"))
+        os.rmdir(folder)  # the last rank out leaves no folder behind
     except OSError:
         pass
 
