@@ -28,10 +28,11 @@ def weight_of(module: torch.nn.Module) -> torch.Tensor:
 
 
 def partitioned(weight: torch.Tensor) -> bool:
-    """True when `weight` is a ZeRO-3 partitioned parameter whose slice holds plain values (not ZeRO++
-    quantized non-trainable weights, which need DeepSpeed's own gather)."""
+    """True when `weight` is a ZeRO-3 partitioned parameter whose slice holds plain values in memory (not
+    ZeRO++ quantized non-trainable weights, not swapped out to NVMe: those need DeepSpeed's own gather)."""
     part = getattr(weight, "ds_tensor", None)
-    return part is not None and part.numel() > 0 and not hasattr(part, "ds_quant_scale")
+    return (part is not None and part.numel() > 0 and not hasattr(part, "ds_quant_scale")
+            and getattr(part, "final_location", None) is None)
 
 
 @dataclass(frozen=True)
