@@ -19,12 +19,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-PEAK_TFLOPS = {"2080 Ti": 57, "H100": 989, "H200": 989}  # dense fp16 with fp32 accumulate
-GiB = 1024 ** 3
-PCIE3_BYTES_S = 16e9  # the users' 2 x 2080 Ti: PCIe 3.0 x16, no NVLink
+from estimate_job import PEAK_TFLOPS, estimate_job, flops_per_micro_step
+from instruments import GiB, DeviceSampler, PhasePeaks, count_traffic, kernel_budget, memory, start_profile, write_kernel_table
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -109,22 +107,6 @@ def probe_batch(seq_len: int, spec, vocab: int, answer: int = 64, seed: int = 0)
                    torch.cat([r[1] for r in rows]) if rows else torch.zeros(0, p, dtype=torch.long), labels)
 
 
-class DeviceSampler(threading.Thread):
-    """Device-level memory in use (CUDA context and everything else included), sampled every 5 ms."""
-
-    def __init__(self, device):
-        super().__init__(daemon=True)
-        self.device, self.peak, self.running = device, 0, True
-
-    def run(self):
-        import torch
-
-        while self.running:
-            free, total = torch.cuda.mem_get_info(self.device)
-            self.peak = max(self.peak, total - free)
-            time.sleep(0.005)
-
-
 def usual_recipe(zero: dict, hidden: int) -> dict:
     """The ZeRO-3 block of the usual recipe: LLaMA-Factory's examples/deepspeed/ds_z3_config.json with its
     "auto" values as transformers' Trainer fills them for this hidden size; offload as asked."""
@@ -133,72 +115,6 @@ def usual_recipe(zero: dict, hidden: int) -> dict:
             "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
             "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_live_parameters": 1e9,
             "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True}
-
-
-def count_traffic() -> dict:
-    """Bytes this rank sends over its links per collective kind, from now on: ring all-gathers and
-    reduce-scatters move (w-1)/w of the whole tensor per rank, all-reduces twice that. DeepSpeed's backend
-    keeps its own references to the all-gather and reduce-scatter functions; all-reduces (DeepSpeed's and
-    vocab_parallel's) and list all-gathers go through torch.distributed at call time."""
-    import torch.distributed as tdist
-    from deepspeed.comm import comm
-
-    seen = {"all_gather": 0.0, "reduce_scatter": 0.0, "all_reduce": 0.0}
-
-    def frac(group) -> float:
-        w = tdist.get_world_size(group)
-        return (w - 1) / w
-
-    def counted(fn, kind, size):
-        def call(*args, **kw):
-            seen[kind] += size(*args, **kw)
-            return fn(*args, **kw)
-        return call
-
-    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-    cdb = comm.cdb
-    cdb.all_gather_function = counted(cdb.all_gather_function, "all_gather",
-                                      lambda output_tensor, input_tensor, group=None, **_: nbytes(output_tensor) * frac(group))
-    cdb.reduce_scatter_function = counted(cdb.reduce_scatter_function, "reduce_scatter",
-                                          lambda output, input, *a, group=None, **_: nbytes(input) * frac(group))
-    tdist.all_reduce = counted(tdist.all_reduce, "all_reduce",
-                               lambda tensor, *a, group=None, **_: 2 * nbytes(tensor) * frac(group))
-    tdist.all_gather = counted(tdist.all_gather, "all_gather",
-                               lambda tensor_list, tensor, group=None, **_: sum(map(nbytes, tensor_list)) * frac(group))
-    return seen
-
-
-def kernel_budget(prof, wall_s: float) -> dict:
-    """Where one micro-step's wall time went on the GPU, from the profiler's kernels: seconds of compute
-    (GEMMs, attention, the rest), of communication (NCCL) and of the part of it no compute overlaps, of
-    copies, and idle (no kernel running: the CPU side, i.e. ZeRO-3's hooks and launches, is the bottleneck)."""
-    from torch.autograd import DeviceType
-
-    kinds = {"gemm": ("gemm", "cutlass", "xmma", "nvjet", "cublas"), "attention": ("fmha", "flash", "attention", "efficient"),
-             "nccl": ("nccl",), "copy": ("memcpy", "memset")}
-    spans: dict[str, list] = {k: [] for k in (*kinds, "other")}
-    for e in prof.events():
-        if e.device_type != DeviceType.CUDA:
-            continue
-        name = e.name.lower()
-        kind = next((k for k, keys in kinds.items() if any(x in name for x in keys)), "other")
-        spans[kind].append((e.time_range.start, e.time_range.end))
-
-    def union(intervals) -> float:
-        total, end = 0.0, float("-inf")
-        for a, b in sorted(intervals):
-            if b > end:
-                total += b - max(a, end)
-                end = b
-        return total / 1e6
-
-    everything = [x for v in spans.values() for x in v]
-    compute = spans["gemm"] + spans["attention"] + spans["other"]
-    out = {f"{k}_s": round(sum(b - a for a, b in v) / 1e6, 4) for k, v in spans.items()}
-    out.update(wall_s=round(wall_s, 4), gpu_busy_s=round(union(everything), 4), compute_busy_s=round(union(compute), 4),
-               nccl_exposed_s=round(union(everything) - union(compute + spans["copy"]), 4),
-               idle_s=round(wall_s - union(everything), 4), kernels=len(everything))
-    return out
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -305,43 +221,6 @@ def worker(a: argparse.Namespace) -> None:
         os._exit(3)  # the other ranks may be stuck in a collective; the parent ends them
 
 
-class PhasePeaks:
-    """Peak allocated GiB inside the engine's forward, backward and step, and allocated at their start, by
-    wrapping those methods on this engine instance (micro_step itself is unchanged)."""
-
-    def __init__(self, engine, device):
-        self.peaks: dict[str, float] = {}
-        for name in ("forward", "backward", "step"):
-            setattr(engine, name, self._wrap(getattr(engine, name), name, device))
-
-    def _wrap(self, fn, name, device):
-        import torch
-
-        def call(*args, **kwargs):
-            # what the phase starts with (after forward: the base, checkpoints and anything else kept)
-            self.peaks[f"{name}_start"] = max(self.peaks.get(f"{name}_start", 0.0), torch.cuda.memory_allocated(device) / GiB)
-            torch.cuda.reset_peak_memory_stats(device)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.peaks[name] = max(self.peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / GiB)
-        return call
-
-
-def start_profile():
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    prof.__enter__()
-    return prof
-
-
-def write_kernel_table(prof, folder: str, name: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"kernels_{name}.txt"), "w") as f:
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
-
-
 def shape_config(a: argparse.Namespace):
     """The model shape without weights: a config.json (`--config`) or the published 14B config (`--release`)."""
     from chatts_train.modeling import ChatTSConfig, read_chatts_config
@@ -352,27 +231,7 @@ def shape_config(a: argparse.Namespace):
     return ChatTSConfig(**raw)
 
 
-def memory(device) -> dict:
-    from chatts_train.metrics import memory_snapshot
-
-    m = memory_snapshot(device)
-    return {"peak_allocated_gib": m["allocated"], "peak_reserved_gib": m["reserved"], "peak_active_gib": m["active"],
-            "alloc_retries": m["alloc_retries"]}
-
-
 # ---------------------------------------------------------------------------------------------- parent
-
-def flops_per_micro_step(cfg: dict, seq_len: int) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) per GPU per micro-step of LoRA training. Frozen weights need no
-    weight gradients: forward 2N + input-gradient backward 2N per token for the Linear layers; attention
-    (causal) 2 T^2 h per layer forward, twice that backward. Hardware FLOPs add the checkpoint recompute."""
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
-    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
-    attn_fwd = 2 * seq_len * seq_len * h * layers
-    model = 4 * linear * seq_len + 3 * attn_fwd
-    return model, model + 2 * linear * seq_len + attn_fwd
-
 
 def size_from_data(a: argparse.Namespace) -> None:
     """With --data, probe the longest kept sample and count the samples for the job estimate."""
@@ -460,42 +319,6 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
             rep["job_on_2080ti"] = estimate_job(a, cfg, rep)
     rep["verdict"] = verdict(a, rep)
     return rep
-
-
-def estimate_job(a, cfg: dict, rep: dict) -> dict:
-    """The users' whole job (samples x epochs on `--num-gpus` 2080 Ti over PCIe 3.0), from what this run
-    measured: bytes per micro-step (card-independent), the compute kernels' share of peak FLOPs (assumed to
-    carry over to the 57 TFLOPS of a 2080 Ti) and the idle time of ZeRO-3's hooks. Per micro-step the
-    estimate runs from perfect overlap, max(compute, link), to none, compute + link + idle. Without --data
-    every sample is taken at the probed length (an upper bound)."""
-    import numpy as np
-
-    from chatts_train.sampler import pack_plan
-
-    budget = rep["budget"]
-    _, hw = flops_per_micro_step(cfg, rep["seq_len"])
-    efficiency = hw / budget["compute_busy_s"] / (PEAK_TFLOPS[rep.get("card") or "H200"] * 1e12)
-    gathered = rep["link_bytes_per_micro_step"].get("all_gather", 0)
-    sent = sum(rep["link_bytes_per_micro_step"].values())
-    # parameter offload copies this rank's part of every gathered weight to the GPU first: 1/(w-1) of its link bytes
-    h2d = gathered / max(a.num_gpus - 1, 1) if rep["offload"] == "param" else 0
-    link_s = (sent + h2d) / PCIE3_BYTES_S
-    lengths = np.array(getattr(a, "lengths", None) or [rep["seq_len"]] * a.samples)
-
-    def job(step_lengths) -> tuple[float, float]:
-        compute = np.array([flops_per_micro_step(cfg, int(n))[1] for n in step_lengths]) / (57e12 * efficiency)
-        scale = a.epochs / a.num_gpus
-        return (float(np.maximum(compute, link_s).sum() * scale / 60),
-                float((compute + link_s + budget["idle_s"]).sum() * scale / 60))
-
-    # packed as the loop packs a shuffled epoch (--packing)
-    packs = [int(lengths[p].sum()) for p in pack_plan(lengths, np.random.default_rng(0).permutation(len(lengths)), a.cutoff_len)]
-    unpacked, packed = job(lengths), job(packs)
-    return {"offload": rep["offload"], "samples": int(len(lengths)), "epochs": a.epochs, "gpus": a.num_gpus,
-            "compute_efficiency": round(efficiency, 3), "link_gib_per_micro_step": round((sent + h2d) / GiB, 2),
-            "link_s_per_micro_step": round(link_s, 2), "idle_s_per_micro_step": budget["idle_s"],
-            "unpacked_minutes": [round(x, 1) for x in unpacked], "packs": len(packs),
-            "packed_minutes": [round(x, 1) for x in packed], "users_expectation_minutes": [30, 45]}
 
 
 def verdict(a, rep: dict) -> str:

@@ -9,6 +9,8 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import estimate_job  # noqa: E402
+import instruments  # noqa: E402
 import memprobe  # noqa: E402
 
 
@@ -97,3 +99,39 @@ def test_verdicts_and_config(tmp_path):
                                  {"rank": 1, "ok": False, "error": "no result"}], 60)
     assert oom["verdict"].startswith("does NOT fit: out of memory after 0 micro-steps")
     assert "shorter --cutoff_len" in oom["verdict"]
+
+
+def test_kernel_budget_splits_a_micro_step_into_compute_exposed_communication_copies_and_idle():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def kernel(name, start_us, end_us):
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=SimpleNamespace(start=start_us, end=end_us))
+
+    prof = SimpleNamespace(events=lambda: [kernel("sm90_xmma_gemm", 0, 10_000), kernel("ncclDevKernel_AllGather", 5_000, 15_000),
+                                           kernel("Memcpy HtoD", 20_000, 22_000),
+                                           SimpleNamespace(name="aten::mm", device_type=DeviceType.CPU, time_range=None)])
+    b = instruments.kernel_budget(prof, wall_s=0.030)
+    assert (b["gemm_s"], b["nccl_s"], b["copy_s"], b["kernels"]) == (0.01, 0.01, 0.002, 3)
+    assert b["gpu_busy_s"] == 0.017 and b["compute_busy_s"] == 0.01
+    assert b["nccl_exposed_s"] == 0.005 and b["idle_s"] == 0.013  # the NCCL time no compute or copy overlaps
+
+
+def test_job_estimate_from_measured_bytes_efficiency_and_idle():
+    from chatts_train.published import chatts_config
+
+    cfg = chatts_config("0801")
+    _, hw = estimate_job.flops_per_micro_step(cfg, 4096)
+    rep = {"seq_len": 4096, "card": "H200", "offload": "param",
+           "budget": {"compute_busy_s": hw / (0.5 * 989e12), "idle_s": 0.25},  # compute at 50% of peak
+           "link_bytes_per_micro_step": {"all_gather": 16e9, "reduce_scatter": 0.0, "all_reduce": 0.0}}
+    a = argparse.Namespace(num_gpus=2, epochs=3.0, cutoff_len=4096, samples=4, lengths=[1000, 1000, 1000, 1000])
+    est = estimate_job.estimate_job(a, cfg, rep)
+    assert est["compute_efficiency"] == 0.5
+    assert est["link_s_per_micro_step"] == 2.0  # 16 GB gathered + 16 GB of host-to-device copies over 16 GB/s
+    compute = estimate_job.flops_per_micro_step(cfg, 1000)[1] / (57e12 * 0.5)
+    per_gpu = 3.0 / 2
+    assert est["unpacked_minutes"] == [round(4 * max(compute, 2.0) * per_gpu / 60, 1),
+                                       round(4 * (compute + 2.0 + 0.25) * per_gpu / 60, 1)]
+    assert est["packs"] == 1  # the four 1,000-position samples fit one 4,096 pack
