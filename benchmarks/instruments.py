@@ -84,10 +84,11 @@ def kernel_budget(prof, wall_s: float) -> dict:
 
     everything = [x for v in spans.values() for x in v]
     compute = spans["gemm"] + spans["attention"] + spans["other"]
+    busy = union(everything)
     out = {f"{k}_s": round(sum(b - a for a, b in v) / 1e6, 4) for k, v in spans.items()}
-    out.update(wall_s=round(wall_s, 4), gpu_busy_s=round(union(everything), 4), compute_busy_s=round(union(compute), 4),
-               nccl_exposed_s=round(union(everything) - union(compute + spans["copy"]), 4),
-               idle_s=round(wall_s - union(everything), 4), kernels=len(everything))
+    out.update(wall_s=round(wall_s, 4), gpu_busy_s=round(busy, 4), compute_busy_s=round(union(compute), 4),
+               nccl_exposed_s=round(busy - union(compute + spans["copy"]), 4), idle_s=round(wall_s - busy, 4),
+               kernels=len(everything))
     return out
 
 
@@ -118,7 +119,7 @@ def start_profile():
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    prof.__enter__()
+    prof.start()
     return prof
 
 

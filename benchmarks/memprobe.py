@@ -174,19 +174,19 @@ def worker(a: argparse.Namespace) -> None:
         phases = PhasePeaks(engine, device) if a.phases and gpu else None
         times, losses, warm_traffic = [], [], {}
         n_steps = a.steps * a.grad_accum
+        # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it)
+        profiled = n_steps - 2 if a.profile and rank == 0 and gpu and n_steps >= 2 else None
         for i in range(n_steps):
             if i == a.grad_accum:
                 warm_traffic = dict(traffic)
-            # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it)
-            profiling = a.profile and rank == 0 and gpu and i == n_steps - 2
-            prof = start_profile() if profiling else None
+            prof = start_profile() if i == profiled else None
             sync()
             t = time.perf_counter()
             loss, _ = micro_step(engine, batch, token_scale)
             sync()
             times.append(time.perf_counter() - t)
             if prof is not None:
-                prof.__exit__(None, None, None)
+                prof.stop()
                 result["budget"] = kernel_budget(prof, times[-1])
                 flags = "_hostckpt" * a.checkpoints_on_cpu + "_layers" * a.whole_layers
                 write_kernel_table(prof, a.profile, f"{a.recipe}_{a.offload or 'config'}_{result['seq_len']}{flags}")
@@ -195,7 +195,6 @@ def worker(a: argparse.Namespace) -> None:
             if i + 1 == a.grad_accum:
                 result["first_step_done_s"] = time.time() - a.t0
         # the profiled micro-step runs slower under the profiler: reported, but not in the steady median
-        profiled = n_steps - 2 if "budget" in result else None
         steady = [t for i, t in enumerate(times) if i >= a.grad_accum and i != profiled] or times
         if profiled is not None:
             result["profiled_micro_step_s"] = times[profiled]

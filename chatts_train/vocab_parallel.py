@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .tokens import IGNORE_INDEX
+from .weights import partition_range
 
 _CHUNK_ELEMENTS = 1 << 26  # fp32 logits per vocabulary chunk (256 MB), bounding the transient memory
 
@@ -73,8 +74,7 @@ def local_slice(weight: torch.Tensor, device: torch.device) -> tuple[Slice, torc
     group = weight.ds_process_group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     size, numel, width = weight.ds_tensor.ds_numel, weight.ds_numel, weight.ds_shape[-1]
-    start = min(rank * size, numel)
-    stop = min(start + size, numel)
+    start, stop = partition_range(weight)
     cuts = (k * size for k in range(1, world) if k * size < numel)
     shared = tuple(sorted({c // width for c in cuts if c % width}))
     part = weight.ds_tensor.narrow(0, 0, stop - start).to(device, non_blocking=True)
@@ -117,10 +117,12 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     return _CrossEntropySum.apply(hidden, targets, weight)
 
 
-def _chunks(s: Slice, rows: int):
+def _chunks(s: Slice, part: torch.Tensor, rows: int):
+    """(first row, end row, those whole rows of the slice) in blocks of at most _CHUNK_ELEMENTS logits."""
     step = max(1024, _CHUNK_ELEMENTS // max(rows, 1))
     for c0 in range(s.first_row, s.end_row, step):
-        yield c0, min(c0 + step, s.end_row)
+        c1 = min(c0 + step, s.end_row)
+        yield c0, c1, s.whole_rows(part)[c0 - s.first_row: c1 - s.first_row]
 
 
 def _shared_logits(x: torch.Tensor, s: Slice, part: torch.Tensor, group) -> torch.Tensor:
@@ -151,8 +153,8 @@ class _CrossEntropySum(torch.autograd.Function):
         m = torch.full((len(xs),), float("-inf"), dtype=acc, device=x.device)
         total = torch.zeros(len(xs), dtype=acc, device=x.device)
         target_logit = torch.zeros(len(xs), dtype=acc, device=x.device)
-        for c0, c1 in _chunks(s, len(xs)):
-            logits = (xs @ s.whole_rows(part)[c0 - s.first_row: c1 - s.first_row].T).to(acc)
+        for c0, c1, w in _chunks(s, part, len(xs)):
+            logits = (xs @ w.T).to(acc)
             new_m = torch.maximum(m, logits.max(1).values)
             total = total * torch.exp(m - new_m) + torch.exp(logits - new_m[:, None]).sum(1)
             m = new_m
@@ -189,8 +191,7 @@ class _CrossEntropySum(torch.autograd.Function):
         g = torch.cat(gs).repeat_interleave(ctx.most) * (ts != IGNORE_INDEX)
         rows = torch.arange(len(xs), device=xs.device)
         gx = torch.zeros(xs.shape, dtype=acc, device=xs.device)
-        for c0, c1 in _chunks(s, len(xs)):
-            w = s.whole_rows(part)[c0 - s.first_row: c1 - s.first_row]
+        for c0, c1, w in _chunks(s, part, len(xs)):
             p = torch.exp((xs @ w.T).to(acc) - lse[:, None])
             inside = (ts >= c0) & (ts < c1)
             p[rows[inside], ts[inside] - c0] -= 1

@@ -86,6 +86,13 @@ def _flat_range(tensor_slice, shape: list[int], start: int, stop: int) -> torch.
     return rows[start - r0 * row: stop - r0 * row]
 
 
+def partition_range(p: torch.nn.Parameter) -> tuple[int, int]:
+    """Flat [start, stop) of the unpadded tensor that this rank's ZeRO-3 partition of `p` holds (layout above)."""
+    size = p.ds_tensor.ds_numel
+    start = min(size * dist.get_rank(group=p.ds_process_group), p.ds_numel)
+    return start, min(start + size, p.ds_numel)
+
+
 def load_into_partitions(model: torch.nn.Module, path: str) -> None:
     """Fill every ZeRO-3 partitioned parameter of `model` from the checkpoint folder `path`. All ranks call
     it; each reads only its own part. Names must match the checkpoint's keys exactly."""
@@ -105,10 +112,9 @@ def load_into_partitions(model: torch.nn.Module, path: str) -> None:
                     raise CheckpointError(f"{os.path.join(path, name)}: `{key}` has shape {tuple(shape)}, the model "
                                           f"expects {tuple(p.ds_shape)} (config.json and weights disagree)")
                 size = part.ds_numel
-                start = size * dist.get_rank(group=p.ds_process_group)
-                stop = min(start + size, p.ds_numel)
+                start, stop = partition_range(p)
                 with torch.no_grad():
                     if start < stop:
                         part.narrow(0, 0, stop - start).copy_(_flat_range(f.get_slice(key), shape, start, stop))
                     if stop - start < size:  # the padding of the last rank
-                        part.narrow(0, max(stop - start, 0), size - max(stop - start, 0)).zero_()
+                        part.narrow(0, stop - start, size - (stop - start)).zero_()
