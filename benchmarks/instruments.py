@@ -10,19 +10,34 @@ GiB = 1024 ** 3
 
 
 class DeviceSampler(threading.Thread):
-    """Device-level memory in use (CUDA context and everything else included), sampled every 5 ms."""
+    """Device-level memory in use (CUDA context and everything else included), sampled every 5 ms; the peak
+    is kept per section (`sampler.section = "steps"` once set-up is over), to tell set-up from training."""
 
     def __init__(self, device):
         super().__init__(daemon=True)
-        self.device, self.peak, self.running = device, 0, True
+        self.device, self.running, self.section, self.peaks = device, True, "setup", {}
+
+    @property
+    def peak(self) -> int:
+        return max(self.peaks.values(), default=0)
 
     def run(self):
         import torch
 
         while self.running:
             free, total = torch.cuda.mem_get_info(self.device)
-            self.peak = max(self.peak, total - free)
+            self.peaks[self.section] = max(self.peaks.get(self.section, 0), total - free)
             time.sleep(0.005)
+
+
+def outside_allocator_gib(device) -> float:
+    """Device memory in use that PyTorch's allocator did not reserve: the CUDA context, NCCL's buffers, and
+    libraries that allocate for themselves."""
+    import torch
+
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free - torch.cuda.memory_reserved(device)) / GiB
 
 
 def count_traffic() -> dict:
@@ -93,25 +108,29 @@ def kernel_budget(prof, wall_s: float) -> dict:
 
 
 class PhasePeaks:
-    """Peak allocated GiB inside the engine's forward, backward and step, and allocated at their start, by
-    wrapping those methods on this engine instance (micro_step itself is unchanged)."""
+    """Peak allocated and reserved GiB inside the engine's forward, backward and step, and allocated at their
+    start, by wrapping those methods on this engine instance (micro_step itself is unchanged)."""
 
     def __init__(self, engine, device):
         self.peaks: dict[str, float] = {}
         for name in ("forward", "backward", "step"):
             setattr(engine, name, self._wrap(getattr(engine, name), name, device))
 
+    def _keep(self, key: str, gib: float) -> None:
+        self.peaks[key] = max(self.peaks.get(key, 0.0), gib)
+
     def _wrap(self, fn, name, device):
         import torch
 
         def call(*args, **kwargs):
             # what the phase starts with (after forward: the base, checkpoints and anything else kept)
-            self.peaks[f"{name}_start"] = max(self.peaks.get(f"{name}_start", 0.0), torch.cuda.memory_allocated(device) / GiB)
+            self._keep(f"{name}_start", torch.cuda.memory_allocated(device) / GiB)
             torch.cuda.reset_peak_memory_stats(device)
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.peaks[name] = max(self.peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / GiB)
+                self._keep(name, torch.cuda.max_memory_allocated(device) / GiB)
+                self._keep(f"{name}_reserved", torch.cuda.max_memory_reserved(device) / GiB)
         return call
 
 
@@ -130,8 +149,13 @@ def write_kernel_table(prof, folder: str, name: str) -> None:
 
 
 def memory(device) -> dict:
+    import torch
+
     from chatts_train.metrics import memory_snapshot
 
     m = memory_snapshot(device)
-    return {"peak_allocated_gib": m["allocated"], "peak_reserved_gib": m["reserved"], "peak_active_gib": m["active"],
-            "alloc_retries": m["alloc_retries"]}
+    out = {"peak_allocated_gib": m["allocated"], "peak_reserved_gib": m["reserved"], "peak_active_gib": m["active"],
+           "alloc_retries": m["alloc_retries"]}
+    if device.type == "cuda":  # free bytes stranded inside split blocks: the allocator's fragmentation
+        out["inactive_split_peak_gib"] = torch.cuda.memory_stats(device).get("inactive_split_bytes.all.peak", 0) / GiB
+    return out

@@ -22,7 +22,8 @@ import tempfile
 import time
 
 from estimate_job import PEAK_TFLOPS, estimate_job, flops_per_micro_step
-from instruments import GiB, DeviceSampler, PhasePeaks, count_traffic, kernel_budget, memory, start_profile, write_kernel_table
+from instruments import (GiB, DeviceSampler, PhasePeaks, count_traffic, kernel_budget, memory, outside_allocator_gib,
+                         start_profile, write_kernel_table)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -55,6 +56,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
     p.add_argument("--checkpoints-on-cpu", action="store_true", help="as --checkpoints_on_cpu in training")
     p.add_argument("--whole-layers", action="store_true", help="as --gather_whole_layers in training")
+    p.add_argument("--plain-activations", action="store_true", help="as --lean_activations false in training")
     p.add_argument("--attn", default=None, help="sdpa (default), flash_attention_2, eager")
     p.add_argument("--write-config", default=None, help="where to write the verdict's DeepSpeed config")
     p.add_argument("--samples", type=int, default=421, help="for the job-time estimate")
@@ -62,7 +64,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
                    help="override a zero_optimization key, e.g. stage3_max_live_parameters=3e8 (repeatable)")
     p.add_argument("--baseline", choices=["hf"], default=None,
-                   help="first run the usual recipe (transformers' full-vocabulary loss, LLaMA-Factory's ZeRO-3 "
+                   help="first run the usual recipe (transformers' full-vocabulary loss and layers, LLaMA-Factory's ZeRO-3 "
                         "config, PyTorch's default allocator) on the same shape, then ours, and report the ratios")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile one steady micro-step on rank 0 (torch.profiler): its time budget in the report, "
@@ -133,7 +135,8 @@ def worker(a: argparse.Namespace) -> None:
 
     cfg = TrainConfig(model_path=a.model or "", learning_rate=1e-4, attn_implementation=a.attn,
                       gradient_checkpointing=not a.no_checkpointing, gpu_memory_cap_gib=a.gpu_mem_gb,
-                      checkpoints_on_cpu=a.checkpoints_on_cpu, gather_whole_layers=a.whole_layers)
+                      checkpoints_on_cpu=a.checkpoints_on_cpu, gather_whole_layers=a.whole_layers,
+                      lean_activations=a.recipe != "hf" and not a.plain_activations)
     rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
     gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
     ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
@@ -158,6 +161,10 @@ def worker(a: argparse.Namespace) -> None:
             getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
         result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
                       host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world, largest_shard_bytes(a.model) if a.model else 0))
+        if gpu:
+            result.update(reserved_after_setup_gib=torch.cuda.memory_reserved(device) / GiB,
+                          outside_allocator_after_setup_gib=outside_allocator_gib(device))
+            sampler.section = "steps"
         spec = config.ts_spec
         if a.pack:
             lengths = [int(x) for x in a.pack.split(",")]
@@ -174,22 +181,22 @@ def worker(a: argparse.Namespace) -> None:
         phases = PhasePeaks(engine, device) if a.phases and gpu else None
         times, losses, warm_traffic = [], [], {}
         n_steps = a.steps * a.grad_accum
-        # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it)
-        profiled = n_steps - 2 if a.profile and rank == 0 and gpu and n_steps >= 2 else None
+        # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it); rank 0
+        # profiles it, the others wait for rank 0 in it: every rank leaves it out of the steady median
+        profiled = n_steps - 2 if a.profile and gpu and n_steps >= 2 else None
+        prof = None
         for i in range(n_steps):
             if i == a.grad_accum:
                 warm_traffic = dict(traffic)
-            prof = start_profile() if i == profiled else None
+            if i == profiled and rank == 0:
+                prof = start_profile()
             sync()
             t = time.perf_counter()
             loss, _ = micro_step(engine, batch, token_scale)
             sync()
             times.append(time.perf_counter() - t)
-            if prof is not None:
-                prof.stop()
-                result["budget"] = kernel_budget(prof, times[-1])
-                flags = "_hostckpt" * a.checkpoints_on_cpu + "_layers" * a.whole_layers
-                write_kernel_table(prof, a.profile, f"{a.recipe}_{a.offload or 'config'}_{result['seq_len']}{flags}")
+            if i == profiled and prof is not None:
+                prof.stop()  # its tables are made after the loop: that takes seconds the other ranks would wait
             losses.append(loss)
             result["micro_steps"] = i + 1
             if i + 1 == a.grad_accum:
@@ -198,21 +205,28 @@ def worker(a: argparse.Namespace) -> None:
         steady = [t for i, t in enumerate(times) if i >= a.grad_accum and i != profiled] or times
         if profiled is not None:
             result["profiled_micro_step_s"] = times[profiled]
+        if prof is not None:
+            result["budget"] = kernel_budget(prof, times[profiled])
+            flags = "_hostckpt" * a.checkpoints_on_cpu + "_layers" * a.whole_layers
+            write_kernel_table(prof, a.profile, f"{a.recipe}_{a.offload or 'config'}_{result['seq_len']}{flags}")
         counted_steps = n_steps - a.grad_accum if warm_traffic else n_steps
         result["link_bytes_per_micro_step"] = {k: (v - warm_traffic.get(k, 0.0)) / max(counted_steps, 1)
                                                for k, v in traffic.items()}
         result.update(ok=True, micro_step_s=sorted(steady)[len(steady) // 2], micro_step_times=times, losses=losses,
                       optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
         result.update(memory(device))
+        if gpu:
+            result["outside_allocator_gib"] = outside_allocator_gib(device)
         if phases:
-            result["phase_peak_allocated_gib"] = phases.peaks
-            result["peak_allocated_gib"] = max(v for k, v in phases.peaks.items() if not k.endswith("_start"))
+            result["phase_peaks_gib"] = phases.peaks
+            result["peak_allocated_gib"] = max(v for k, v in phases.peaks.items() if not k.endswith(("_start", "_reserved")))
     except torch.OutOfMemoryError as e:
         result.update(ok=False, oom=True, error=str(e).split("\n")[0][:300], **memory(device))
     sampler.running = False
     if gpu:
         sampler.join()
     result["device_peak_gib"] = sampler.peak / GiB
+    result["device_peak_by_section_gib"] = {k: v / GiB for k, v in sampler.peaks.items()}
     result["host_peak_gib"] = peak_rss_gib()
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -306,8 +320,11 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
                    link_bytes_per_micro_step={k: round(max(r["link_bytes_per_micro_step"][k] for r in ranks))
                                               for k in ranks[0].get("link_bytes_per_micro_step", {})},
                    budget=ranks[0].get("budget"),
-                   phase_peak_allocated_gib={k: round(max(r["phase_peak_allocated_gib"][k] for r in ranks), 2)
-                                             for k in ranks[0].get("phase_peak_allocated_gib", {})},
+                   phase_peaks_gib=per_key_max(ranks, "phase_peaks_gib"),
+                   device_peak_by_section_gib=per_key_max(ranks, "device_peak_by_section_gib"),
+                   **{k: round(max(r.get(k, 0.0) for r in ranks), 2) for k in (
+                       "reserved_after_setup_gib", "outside_allocator_after_setup_gib", "outside_allocator_gib",
+                       "inactive_split_peak_gib")},
                    # an upper bound: every sample costs a micro-step at the probed (worst-case) length
                    estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))
         if card:
@@ -318,6 +335,12 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
             rep["job_on_2080ti"] = estimate_job(a, cfg, rep)
     rep["verdict"] = verdict(a, rep)
     return rep
+
+
+def per_key_max(ranks: list[dict], key: str) -> dict:
+    """The ranks' maximum of each entry of a {name: GiB} result (the worst rank is the one that OOMs)."""
+    names = {k for r in ranks for k in r.get(key, {})}
+    return {k: round(max(r.get(key, {}).get(k, 0.0) for r in ranks), 2) for k in sorted(names)}
 
 
 def verdict(a, rep: dict) -> str:

@@ -197,3 +197,80 @@ def test_pinned_chunks_pack_partitions_without_overlap_or_rounding():
     assert all(v.data_ptr() % 64 == 0 for v in views)
     # two 1 MiB chunks first fit; the 1.4 MB and 6 MB partitions get chunks of their own (2 and 8 MiB)
     assert len(chunks.chunks) == 4 and chunks.reserved_bytes == 2 * (1 << 20) + (1 << 21) + (1 << 23)
+
+
+def _layer_step(layer, x, pe, pos, grad):
+    """Output, input gradient, trainable-weight gradients, and bytes kept for backward (distinct storages
+    other than the weights) of one decoder layer's forward + backward."""
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x, position_embeddings=pe, position_ids=pos)
+    y = y[0] if isinstance(y, tuple) else y
+    y.backward(grad)
+    return y.detach(), x.grad, [p.grad for p in layer.parameters() if p.requires_grad], sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lean_activations_match_transformers_and_keep_less(dtype):
+    import copy
+
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Config, Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+    from chatts_train.lean_activations import keep_fewer_activations
+
+    torch.manual_seed(0)
+    hidden, inter, seq = 64, 172, 33
+    cfg = Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, num_key_value_heads=2)
+    cfg._attn_implementation = "sdpa"
+    ref = Qwen2DecoderLayer(cfg, 0).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    for name, p in ref.named_parameters():
+        p.requires_grad = "norm" in name  # frozen Linears as under LoRA; the norms' weight gradient checked too
+    lean = copy.deepcopy(ref)
+    assert keep_fewer_activations(lean) == 3  # the MLP and both norms
+    x = (torch.randn(1, seq, hidden) * 3).to(dtype)
+    pos = torch.arange(seq)[None]
+    pe = [t.to(dtype) for t in Qwen2RotaryEmbedding(cfg)(x, pos)]
+    grad = torch.randn(1, seq, hidden).to(dtype)
+    y0, gx0, gw0, kept0 = _layer_step(ref, x, pe, pos, grad)
+    y1, gx1, gw1, kept1 = _layer_step(lean, x, pe, pos, grad)
+    assert torch.equal(y0, y1)  # the forward is transformers' own arithmetic
+    if dtype == torch.float32:  # no cast node between the paths: autograd sums three gradients in another order
+        torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
+        for a, b in zip(gw1, gw0):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    else:  # what training runs (fp16 on the GPU): bit-identical
+        assert torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(gw0, gw1))
+    size = torch.finfo(dtype).bits // 8
+    if dtype != torch.float32:
+        # not kept any more: silu(gate), and each norm's fp32 copy of its input (its fp16 input instead)
+        assert kept0 - kept1 >= seq * inter * size + 2 * seq * hidden * (4 - size)
+    else:
+        assert kept0 - kept1 >= seq * inter * size
+
+
+def test_whole_layer_gathers_keep_a_layer_from_recompute_to_backward(tiny):
+    from chatts_train.engine import decoder_layers, gather_whole_layers
+
+    model = load_model(tiny["0801"], dtype=torch.float32)
+    layers = decoder_layers(model)
+    numel = sum(p.numel() for p in layers[0].parameters())
+    zero = {"stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 1000}
+    gather_whole_layers(model, zero)
+    assert all(getattr(m, "_z3_leaf", False) for m in layers)
+    # reuse 0 would gather each layer 3x per micro-step (forward, recompute, backward): one layer's worth
+    assert zero == {"stage3_max_reuse_distance": int(1.1 * numel), "stage3_max_live_parameters": int(2.2 * numel)}
+    zero = {"stage3_max_reuse_distance": 5e9}
+    gather_whole_layers(model, zero)  # larger settings and DeepSpeed's defaults stand
+    assert zero == {"stage3_max_reuse_distance": 5e9, "stage3_max_live_parameters": 1e9}
