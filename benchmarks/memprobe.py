@@ -162,8 +162,11 @@ def worker(a: argparse.Namespace) -> None:
         result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
                       host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world, largest_shard_bytes(a.model) if a.model else 0))
         if gpu:
-            result.update(reserved_after_setup_gib=torch.cuda.memory_reserved(device) / GiB,
+            # set-up's own peak (building, loading), then the steps' peaks alone, as the loop's rows count them
+            result.update(setup_peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,
+                          reserved_after_setup_gib=torch.cuda.memory_reserved(device) / GiB,
                           outside_allocator_after_setup_gib=outside_allocator_gib(device))
+            torch.cuda.reset_peak_memory_stats(device)
             sampler.section = "steps"
         spec = config.ts_spec
         if a.pack:
@@ -179,7 +182,7 @@ def worker(a: argparse.Namespace) -> None:
         sync = torch.cuda.synchronize if gpu else (lambda: None)
         traffic = count_traffic()
         phases = PhasePeaks(engine, device) if a.phases and gpu else None
-        times, losses, warm_traffic = [], [], {}
+        times, losses, warm_traffic, gathered, step_peaks = [], [], {}, [], []
         n_steps = a.steps * a.grad_accum
         # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it); rank 0
         # profiles it, the others wait for rank 0 in it: every rank leaves it out of the steady median
@@ -198,6 +201,9 @@ def worker(a: argparse.Namespace) -> None:
             if i == profiled and prof is not None:
                 prof.stop()  # its tables are made after the loop: that takes seconds the other ranks would wait
             losses.append(loss)
+            gathered.append(traffic["all_gather"] - sum(gathered))
+            if gpu:  # the running peak: which micro-step reaches it
+                step_peaks.append(round(torch.cuda.max_memory_allocated(device) / GiB, 3))
             result["micro_steps"] = i + 1
             if i + 1 == a.grad_accum:
                 result["first_step_done_s"] = time.time() - a.t0
@@ -212,6 +218,7 @@ def worker(a: argparse.Namespace) -> None:
         counted_steps = n_steps - a.grad_accum if warm_traffic else n_steps
         result["link_bytes_per_micro_step"] = {k: (v - warm_traffic.get(k, 0.0)) / max(counted_steps, 1)
                                                for k, v in traffic.items()}
+        result.update(all_gather_bytes_per_micro_step=gathered, peak_allocated_so_far_gib=step_peaks)
         result.update(ok=True, micro_step_s=sorted(steady)[len(steady) // 2], micro_step_times=times, losses=losses,
                       optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
         result.update(memory(device))
@@ -323,7 +330,8 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
                    phase_peaks_gib=per_key_max(ranks, "phase_peaks_gib"),
                    device_peak_by_section_gib=per_key_max(ranks, "device_peak_by_section_gib"),
                    **{k: round(max(r.get(k, 0.0) for r in ranks), 2) for k in (
-                       "reserved_after_setup_gib", "outside_allocator_after_setup_gib", "outside_allocator_gib",
+                       "setup_peak_allocated_gib", "reserved_after_setup_gib", "outside_allocator_after_setup_gib",
+                       "outside_allocator_gib",
                        "inactive_split_peak_gib")},
                    # an upper bound: every sample costs a micro-step at the probed (worst-case) length
                    estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))

@@ -22,7 +22,7 @@ from .engine import describe_setup, init_process, loss_scale, prepare_engine
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_samples, format_before_after, read_samples, score_by_dataset, write_report
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
-from .metrics import format_run_summary, gather_named, plot, summarise_run
+from .metrics import format_run_summary, gather_named, memory_snapshot, plot, summarise_run
 from .processor import ChatTSProcessor
 from .ranks import ROLL_CALL, rank0_print, sign_in
 from .runrecord import RECORD, read_run_record, resume_changes, write_run_record
@@ -148,17 +148,23 @@ def report_host_need(model_path: str, ds: dict, world: int) -> None:
 def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.device) -> None:
     """What the step will run with, on screen and in `setup.json`, with each rank's RSS after loading."""
     setup = describe_setup(engine)
-    rss = gather_named({"rss": rss_gib(), "peak": peak_rss_gib()}, device)
+    set_up = memory_snapshot(device)["allocated"]
+    rss = gather_named({"rss": rss_gib(), "peak": peak_rss_gib(), "gpu": set_up}, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the first step's row then holds that step's peak alone
     rank0_print(f"[model] {cfg.model_path}: attention {setup['attention']}, dtype {precision(ds)}, "
                 f"ZeRO stage {setup['zero_stage']}, offload param {setup['offload_param']} / optimizer "
                 f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable "
                 f"{setup['trainable_numel'] / 1e6:.2f} M, checkpointed layers {setup['checkpointed_layers']}/"
                 f"{setup['decoder_layers']}, loss scale {loss_scale(engine):g}")
     rank0_print("[host] RSS after load per rank: " + ", ".join(f"{r['rss']:.1f} GiB (peak {r['peak']:.1f})" for r in rss))
+    if device.type == "cuda":
+        rank0_print("[model] GPU memory of set-up (peak allocated per rank): " + ", ".join(f"{r['gpu']:.2f} GiB" for r in rss))
     if rank == 0:
         with open(os.path.join(cfg.output_dir, "setup.json"), "w") as f:
             json.dump({**setup, "host_rss_after_load_gib": [round(r["rss"], 2) for r in rss],
-                       "host_peak_after_load_gib": [round(r["peak"], 2) for r in rss]}, f, indent=2)
+                       "host_peak_after_load_gib": [round(r["peak"], 2) for r in rss],
+                       "setup_peak_allocated_gib": [round(r["gpu"], 3) for r in rss]}, f, indent=2)
 
 
 def score_held_out(run: Run) -> list[dict]:

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import estimate_job  # noqa: E402
 import instruments  # noqa: E402
 import memprobe  # noqa: E402
+import setup_trace  # noqa: E402
 
 
 def probe(*args: str, port: str) -> dict:
@@ -135,3 +136,19 @@ def test_job_estimate_from_measured_bytes_efficiency_and_idle():
     assert est["unpacked_minutes"] == [round(4 * max(compute, 2.0) * per_gpu / 60, 1),
                                        round(4 * (compute + 2.0 + 0.25) * per_gpu / 60, 1)]
     assert est["packs"] == 1  # the four 1,000-position samples fit one 4,096 pack
+
+
+def test_setup_trace_finds_the_peak_and_who_held_it():
+    GiB = 1024 ** 3
+
+    def at(site):  # torch's own frames are skipped: the caller is the site
+        return [{"filename": "/lib/torch/cuda/x.py", "line": 1, "name": "empty"}, {"filename": f"/src/{site}.py", "line": 7, "name": site}]
+
+    trace = [{"action": "alloc", "addr": 1, "size": GiB, "frames": at("partitions")},
+             {"action": "alloc", "addr": 2, "size": 2 * GiB, "frames": at("whole_lm_head")},
+             {"action": "free_requested", "addr": 2, "size": 2 * GiB},
+             {"action": "free_completed", "addr": 2, "size": 2 * GiB},
+             {"action": "alloc", "addr": 3, "size": GiB, "frames": at("partitions")}]
+    r = setup_trace.peak_of(trace)
+    assert r["peak_traced_gib"] == 3.0  # 1 + 2 before the free, not 1 + 1 after it
+    assert r["live_at_peak_by_site_gib"] == [["whole_lm_head.py:7:whole_lm_head", 2.0], ["partitions.py:7:partitions", 1.0]]
