@@ -165,7 +165,17 @@ def loader_matches_transformers():
                        "offload_param": {"offload_param": {"device": "cpu"}}}.items():
         ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": dist.get_world_size(),
               "zero_optimization": {"stage": 3, **zero}}
-        ours, hf_ds = build_model(CKPT, ds)
+        sent = {"numel": 0}
+        broadcast = dist.broadcast
+
+        def counted(tensor, *args, **kwargs):
+            sent["numel"] += tensor.numel()
+            return broadcast(tensor, *args, **kwargs)
+        dist.broadcast = counted  # DeepSpeed's backend calls torch.distributed.broadcast at call time
+        try:
+            ours, hf_ds = build_model(CKPT, ds)
+        finally:
+            dist.broadcast = broadcast
         theirs = load_model(CKPT, dtype=torch.float32)
         worst, mass = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
         for (n, a), (m, b) in zip(ours.named_parameters(), theirs.named_parameters()):
@@ -174,7 +184,8 @@ def loader_matches_transformers():
             mass += a.ds_tensor.double().abs().sum()
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         dist.all_reduce(mass)
-        diffs[name] = {"max_abs_diff": worst.item(), "abs_sum": mass.item(), "params": len(list(ours.parameters()))}
+        diffs[name] = {"max_abs_diff": worst.item(), "abs_sum": mass.item(), "params": len(list(ours.parameters())),
+                       "broadcast_numel": sent["numel"]}
         del ours, theirs, hf_ds
     return diffs
 
