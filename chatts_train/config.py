@@ -41,7 +41,7 @@ class TrainConfig:
     offload: Optional[str] = None  # none | param | optimizer | all; overrides the DeepSpeed config
     gradient_checkpointing: bool = True
     checkpoints_on_cpu: bool = False  # keep each layer's checkpointed input in host memory (~1.9 GiB/GPU on 14B at 4096)
-    lean_activations: bool = True  # MLP gate and RMSNorms keep less for backward, bit-identical (-0.2 GiB/GPU on 14B at 4096)
+    lean_activations: bool = True  # MLP gate and RMSNorms keep less for backward, bit-identical (~0.2 GiB per 14B layer at 4096)
     gather_whole_layers: bool = False  # ZeRO-3 gathers a decoder layer's weights at once, not per Linear (fewer hooks)
     gpu_memory_cap_gib: Optional[float] = None  # cap each process's PyTorch memory (emulate a smaller card)
     attn_implementation: Optional[str] = None  # sdpa (default), flash_attention_2 (sm80+), eager

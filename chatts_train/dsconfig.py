@@ -48,8 +48,8 @@ def load_ds_config(path: str, world_size: int, micro_batch: Optional[int] = None
         if offload in ("optimizer", "all"):
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     # DeepSpeed's default swaps F.linear for a function that keeps every Linear's input for backward; with
-    # frozen base weights only LoRA's inputs are needed, and torch's own linear keeps just those (-0.2 GiB
-    # in a 14B layer's backward at 4,096 tokens). A config that sets it keeps its choice.
+    # frozen base weights only LoRA's inputs are needed, and torch's own linear keeps just those (~0.2 GiB
+    # less kept per recomputed 14B layer at 4,096 tokens). A config that sets it keeps its choice.
     zero.setdefault("memory_efficient_linear", False)
     if zero.get("offload_param") and zero.get("stage") != 3:
         problems.append("offload_param needs ZeRO stage 3")

@@ -18,8 +18,9 @@ from .weights import load_into_partitions
 class PartitionOnlyInit(deepspeed.zero.Init):
     """`zero.Init` without its broadcast of each new parameter from rank 0, which is there so that random
     initial values agree across ranks. Every value here is read from the checkpoint, or filled per partition,
-    right after: the broadcast only cost set-up a model's worth of traffic (29.8 GB on 14B) and kept whole
-    tensors alive on the receiving ranks until NCCL was done with them."""
+    right after: the broadcast only costs set-up a model's worth of traffic (29.8 GB on 14B), and on the
+    receiving ranks whole tensors wait for NCCL (the suspect of rank 1's 3.4 GiB set-up transient on 14B;
+    benchmarks/RESULTS.md section 7)."""
 
     def _zero_init_param(self, param):
         self._convert_to_deepspeed_param(param)
