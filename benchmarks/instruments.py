@@ -30,6 +30,13 @@ class DeviceSampler(threading.Thread):
             time.sleep(0.005)
 
 
+def steady_median(times: list[float], first: int, skip=None) -> float:
+    """Median micro-step time from micro-step `first` on (after the warm-up optimizer step), leaving out
+    micro-step `skip` (the profiled one: slower under the profiler, and the other ranks wait for it)."""
+    steady = [t for i, t in enumerate(times) if i >= first and i != skip] or times
+    return sorted(steady)[len(steady) // 2]
+
+
 def outside_allocator_gib(device) -> float:
     """Device memory in use that PyTorch's allocator did not reserve: the CUDA context, NCCL's buffers, and
     libraries that allocate for themselves."""

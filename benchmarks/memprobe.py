@@ -23,7 +23,7 @@ import time
 
 from estimate_job import PEAK_TFLOPS, estimate_job, flops_per_micro_step
 from instruments import (GiB, DeviceSampler, PhasePeaks, count_traffic, kernel_budget, memory, outside_allocator_gib,
-                         start_profile, write_kernel_table)
+                         start_profile, steady_median, write_kernel_table)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -202,13 +202,11 @@ def worker(a: argparse.Namespace) -> None:
                 prof.stop()  # its tables are made after the loop: that takes seconds the other ranks would wait
             losses.append(loss)
             gathered.append(traffic["all_gather"] - sum(gathered))
-            if gpu:  # the running peak: which micro-step reaches it
+            if gpu and not phases:  # the running peak: which micro-step reaches it (--phases resets it)
                 step_peaks.append(round(torch.cuda.max_memory_allocated(device) / GiB, 3))
             result["micro_steps"] = i + 1
             if i + 1 == a.grad_accum:
                 result["first_step_done_s"] = time.time() - a.t0
-        # the profiled micro-step runs slower under the profiler: reported, but not in the steady median
-        steady = [t for i, t in enumerate(times) if i >= a.grad_accum and i != profiled] or times
         if profiled is not None:
             result["profiled_micro_step_s"] = times[profiled]
         if prof is not None:
@@ -219,7 +217,7 @@ def worker(a: argparse.Namespace) -> None:
         result["link_bytes_per_micro_step"] = {k: (v - warm_traffic.get(k, 0.0)) / max(counted_steps, 1)
                                                for k, v in traffic.items()}
         result.update(all_gather_bytes_per_micro_step=gathered, peak_allocated_so_far_gib=step_peaks)
-        result.update(ok=True, micro_step_s=sorted(steady)[len(steady) // 2], micro_step_times=times, losses=losses,
+        result.update(ok=True, micro_step_s=steady_median(times, a.grad_accum, profiled), micro_step_times=times, losses=losses,
                       optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
         result.update(memory(device))
         if gpu:

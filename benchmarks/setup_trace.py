@@ -14,7 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-GiB = 1024 ** 3
+from instruments import GiB  # noqa: E402
+from memprobe import shape_config  # noqa: E402
 
 
 def where(frames: list[dict]) -> str:
@@ -49,19 +50,16 @@ def main() -> None:
     from chatts_train.config import TrainConfig
     from chatts_train.dsconfig import load_ds_config
     from chatts_train.engine import init_process, prepare_engine
-    from chatts_train.modeling import ChatTSConfig
-    from chatts_train.published import chatts_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/setup_trace")
     a = p.parse_args()
     rank, world, device = init_process(42)
     torch.cuda.memory._record_memory_history(max_entries=500000)
-    raw = chatts_config("0801")
-    raw.pop("model_type", None)
     ds = load_ds_config(os.path.join(os.path.dirname(__file__), "..", "ds_config.json"), world, 1, 8, fp16=True,
                         offload="none")
-    engine, hf_ds = prepare_engine(TrainConfig(model_path=""), ds, 1000, shape=ChatTSConfig(**raw))
+    shape = shape_config(argparse.Namespace(config=None, release="0801"))
+    engine, hf_ds = prepare_engine(TrainConfig(model_path=""), ds, 1000, shape=shape)
     snap = torch.cuda.memory._snapshot(device)
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = snap["device_traces"][device.index]

@@ -88,7 +88,7 @@ def gather_whole_layers(model: torch.nn.Module, zero: dict) -> None:
     a ZeRO-3 micro-step's GPU sits idle (benchmarks/RESULTS.md, the micro-step budget). A gathered layer is
     kept from its recompute to its backward (reuse distance of one layer; else it is gathered 3x per
     micro-step, not 2x), and two layers may be live so the next one arrives while one computes (measured on
-    14B at 4,096 tokens: 1.00 s per micro-step vs 1.19 s with one, 1.54 s per Linear; +0.7 GiB allocated)."""
+    14B at 4,096 tokens: 0.91 s per micro-step vs 0.95 s with one, 1.1-1.5 s per Linear; +0.7 GiB allocated)."""
     from deepspeed.utils import set_z3_leaf_modules
 
     layers = decoder_layers(model)

@@ -152,3 +152,9 @@ def test_setup_trace_finds_the_peak_and_who_held_it():
     r = setup_trace.peak_of(trace)
     assert r["peak_traced_gib"] == 3.0  # 1 + 2 before the free, not 1 + 1 after it
     assert r["live_at_peak_by_site_gib"] == [["whole_lm_head.py:7:whole_lm_head", 2.0], ["partitions.py:7:partitions", 1.0]]
+
+
+def test_steady_median_leaves_out_warm_up_and_the_profiled_micro_step():
+    times = [9.0, 2.0, 2.0, 2.0, 1.0, 1.2, 15.0, 1.1]  # first optimizer step warms up; step 6 waited on rank 0's profiler
+    assert instruments.steady_median(times, 4, 6) == 1.1
+    assert instruments.steady_median(times, 4) == 1.2  # kept in, the waiting step moves the median
