@@ -26,17 +26,21 @@ def where(frames: list[dict]) -> str:
 
 def peak_of(trace: list[dict]) -> dict:
     """Replay alloc / free events: the highest live total and what was live then, by call site."""
-    live: dict[int, tuple[int, str]] = {}
-    total = best = 0
-    at_best: dict[int, tuple[int, str]] = {}
-    for e in trace:
-        if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], where(e.get("frames", [])))
-            total += e["size"]
-            if total > best:
-                best, at_best = total, dict(live)
-        elif e["action"] == "free_completed" and e["addr"] in live:
-            total -= live.pop(e["addr"])[0]
+    def replay(stop: int):
+        live: dict[int, tuple[int, str]] = {}
+        total = best = best_at = 0
+        for i, e in enumerate(trace[:stop]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = (e["size"], e)
+                total += e["size"]
+                if total > best:
+                    best, best_at = total, i + 1
+            elif e["action"] == "free_completed" and e["addr"] in live:
+                total -= live.pop(e["addr"])[0]
+        return best, best_at, live
+
+    best, best_at, _ = replay(len(trace))
+    at_best = {k: (size, where(e.get("frames", []))) for k, (size, e) in replay(best_at)[2].items()}  # live at the peak
     sites: dict[str, float] = {}
     for size, site in at_best.values():
         sites[site] = sites.get(site, 0.0) + size / GiB
@@ -55,7 +59,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/setup_trace")
     a = p.parse_args()
     rank, world, device = init_process(42)
-    torch.cuda.memory._record_memory_history(max_entries=500000)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=500000)
     ds = load_ds_config(os.path.join(os.path.dirname(__file__), "..", "ds_config.json"), world, 1, 8, fp16=True,
                         offload="none")
     shape = shape_config(argparse.Namespace(config=None, release="0801"))

@@ -30,6 +30,9 @@ declare -A V=(
   [hostckpt_live2_gc_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --checkpoints-on-cpu --zero stage3_max_live_parameters=2e8 --phases"
   [hostckpt_gc_nccl4_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --checkpoints-on-cpu --phases"
   [layers_hostckpt_gc_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --whole-layers --checkpoints-on-cpu --phases --profile $W/prof"
+  [fused_phases_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --phases"
+  [eager_phases_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --phases --eager-kernels"
+  [baseline_layers_4096]="--no-offload --seq-len 4096 --baseline hf --whole-layers --profile $W/prof"
 )
 # variants that differ in the environment only
 declare -A E=(

@@ -42,6 +42,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     checkpoints_on_cpu: bool = False  # keep each layer's checkpointed input in host memory (~1.9 GiB/GPU on 14B at 4096)
     lean_activations: bool = True  # MLP gate and RMSNorms keep less for backward, bit-identical (~0.2 GiB per 14B layer at 4096)
+    fused_kernels: bool = True  # on CUDA with Triton: those norms and the gate compiled to one kernel each (torch.compile)
     gather_whole_layers: bool = False  # ZeRO-3 gathers a decoder layer's weights at once, not per Linear (fewer hooks)
     gpu_memory_cap_gib: Optional[float] = None  # cap each process's PyTorch memory (emulate a smaller card)
     attn_implementation: Optional[str] = None  # sdpa (default), flash_attention_2 (sm80+), eager

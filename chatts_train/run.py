@@ -22,6 +22,7 @@ from .engine import describe_setup, init_process, loss_scale, prepare_engine
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_samples, format_before_after, read_samples, score_by_dataset, write_report
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
+from .lean_activations import fusing_unavailable
 from .metrics import format_run_summary, gather_named, memory_snapshot, plot, summarise_run
 from .processor import ChatTSProcessor
 from .ranks import ROLL_CALL, rank0_print, sign_in
@@ -157,6 +158,8 @@ def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.de
                 f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable "
                 f"{setup['trainable_numel'] / 1e6:.2f} M, checkpointed layers {setup['checkpointed_layers']}/"
                 f"{setup['decoder_layers']}, loss scale {loss_scale(engine):g}")
+    if device.type == "cuda" and cfg.lean_activations and cfg.fused_kernels and not setup["fused_kernel_modules"]:
+        rank0_print(f"[model] fused kernels off: {fusing_unavailable()}")
     rank0_print("[host] RSS after load per rank: " + ", ".join(f"{r['rss']:.1f} GiB (peak {r['peak']:.1f})" for r in rss))
     if device.type == "cuda":
         rank0_print("[model] GPU memory of set-up (peak allocated per rank): " + ", ".join(f"{r['gpu']:.2f} GiB" for r in rss))

@@ -219,30 +219,38 @@ def _layer_step(layer, x, pe, pos, grad):
     return y.detach(), x.grad, [p.grad for p in layer.parameters() if p.requires_grad], sum(kept.values())
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_lean_activations_match_transformers_and_keep_less(dtype):
-    import copy
-
+def _qwen2_layer(dtype, device="cpu"):
+    """A small Qwen2 decoder layer with frozen Linears (as under LoRA) and trained norms, and one step's
+    inputs: (layer, x, position embeddings, positions, output gradient)."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Config, Qwen2DecoderLayer, Qwen2RotaryEmbedding
-
-    from chatts_train.lean_activations import keep_fewer_activations
 
     torch.manual_seed(0)
     hidden, inter, seq = 64, 172, 33
     cfg = Qwen2Config(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, num_key_value_heads=2)
     cfg._attn_implementation = "sdpa"
-    ref = Qwen2DecoderLayer(cfg, 0).to(dtype)
+    layer = Qwen2DecoderLayer(cfg, 0).to(device, dtype)
     with torch.no_grad():
-        for p in ref.parameters():
+        for p in layer.parameters():
             p.normal_(0, 0.3)
-    for name, p in ref.named_parameters():
-        p.requires_grad = "norm" in name  # frozen Linears as under LoRA; the norms' weight gradient checked too
+    for name, p in layer.named_parameters():
+        p.requires_grad = "norm" in name  # the norms' weight gradient checked too
+    x = (torch.randn(1, seq, hidden) * 3).to(device, dtype)
+    pos = torch.arange(seq, device=device)[None]
+    pe = [t.to(dtype) for t in Qwen2RotaryEmbedding(cfg).to(device)(x, pos)]
+    return layer, x, pe, pos, torch.randn(1, seq, hidden).to(device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lean_activations_match_transformers_and_keep_less(dtype):
+    import copy
+
+    from chatts_train.lean_activations import keep_fewer_activations
+
+    ref, x, pe, pos, grad = _qwen2_layer(dtype)
+    seq, hidden = x.shape[1:]
+    inter = ref.mlp.intermediate_size
     lean = copy.deepcopy(ref)
     assert keep_fewer_activations(lean) == 3  # the MLP and both norms
-    x = (torch.randn(1, seq, hidden) * 3).to(dtype)
-    pos = torch.arange(seq)[None]
-    pe = [t.to(dtype) for t in Qwen2RotaryEmbedding(cfg)(x, pos)]
-    grad = torch.randn(1, seq, hidden).to(dtype)
     y0, gx0, gw0, kept0 = _layer_step(ref, x, pe, pos, grad)
     y1, gx1, gw1, kept1 = _layer_step(lean, x, pe, pos, grad)
     assert torch.equal(y0, y1)  # the forward is transformers' own arithmetic
@@ -258,6 +266,31 @@ def test_lean_activations_match_transformers_and_keep_less(dtype):
         assert kept0 - kept1 >= seq * inter * size + 2 * seq * hidden * (4 - size)
     else:
         assert kept0 - kept1 >= seq * inter * size
+
+
+@pytest.mark.slow  # compiling takes ~1 min on 2 CPU cores
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_kernels_match_the_eager_ones(dtype):
+    """The fused kernels are EAGER's Python compiled (by Inductor: C++ here, Triton on a GPU, where this test
+    runs too): same results up to the intermediate roundings they skip, at two lengths (the second compiles the
+    sequence length as a dynamic dimension)."""
+    import copy
+
+    from chatts_train.lean_activations import EAGER, fused_kernels, keep_fewer_activations, lean_modules
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eager, x, pe, pos, grad = _qwen2_layer(dtype, device)
+    fused = copy.deepcopy(eager)
+    keep_fewer_activations(eager)
+    assert keep_fewer_activations(fused, fused_kernels()) == 3 and lean_modules(fused, EAGER) == 0
+    for length in (x.shape[1], 20):
+        s = slice(0, length)
+        args = (x[:, s], [t[:, s] for t in pe], pos[:, s], grad[:, s])
+        y0, gx0, gw0, _ = _layer_step(eager, *args)
+        y1, gx1, gw1, _ = _layer_step(fused, *args)
+        for a, b in [(y1, y0), (gx1, gx0), *zip(gw1, gw0)]:  # norm weights' gradients: eager in both
+            # a few units in the last place of the tensor's largest value: roundings, not a different formula
+            assert (a - b).abs().max() <= 4 * torch.finfo(dtype).eps * b.abs().max(), (length, dtype)
 
 
 def test_whole_layer_gathers_keep_a_layer_from_recompute_to_backward(tiny):
