@@ -5,7 +5,8 @@
 # for $STEPS optimizer steps (GA 8 x 2 GPUs) without offload and with parameter offload, each process
 # capped to $CAP GiB; after each run, memprobe on the same folder at the run's longest sequence, and the
 # two compared (loop_vs_probe.py). Also the host RAM of loading: our loader against transformers'.
-#   [PHASES="write none param rss"] [EXTRA="--packing"] [TAG=_packed] bash benchmarks/real_job.sh
+#   [PHASES="write none param rss"] [EXTRA="--packing"] [PROBE_EXTRA="--checkpoints-on-cpu"] [TAG=_packed]
+#   bash benchmarks/real_job.sh     (EXTRA: launch.sh's options; PROBE_EXTRA: memprobe's same options)
 #   (GPU machine, wheels installed, PATH/PYTHONPATH set)
 # Results in $OUT (at most 8 files): real_job.log, launch_<offload><TAG>.log, metrics_<offload><TAG>.jsonl,
 # probe_<offload><TAG>.json, probes.err.
@@ -34,9 +35,9 @@ for phase in ${PHASES:-write none param rss}; do
     grep -E "^\[(data|host|model)\]|^error|run summary" "$OUT/launch_$phase$TAG.log" | tee -a "$OUT/real_job.log"
     cp "$W/run_$phase$TAG/metrics.jsonl" "$OUT/metrics_$phase$TAG.jsonl" 2>/dev/null
     L=$(python3 -c "import json; print(max(json.loads(l)['max_seq_len'] for l in open('$W/run_$phase$TAG/metrics.jsonl')))") || continue
-    log "python3 benchmarks/memprobe.py --model $MODEL --offload $phase --seq-len $L --gpu-mem-gb $CAP --json"
+    log "python3 benchmarks/memprobe.py --model $MODEL --offload $phase --seq-len $L --gpu-mem-gb $CAP ${PROBE_EXTRA:-} --json"
     timeout 200 python3 benchmarks/memprobe.py --model "$MODEL" --offload "$phase" --seq-len "$L" --gpu-mem-gb "$CAP" \
-      --json > "$OUT/probe_$phase$TAG.json" 2>> "$OUT/probes.err"
+      ${PROBE_EXTRA:-} --json > "$OUT/probe_$phase$TAG.json" 2>> "$OUT/probes.err"
     python3 benchmarks/loop_vs_probe.py "$W/run_$phase$TAG" "$OUT/probe_$phase$TAG.json" | tee -a "$OUT/real_job.log"
     ;;
   rss)

@@ -33,6 +33,8 @@ declare -A V=(
   [fused_phases_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --phases"
   [eager_phases_cap22_4096]="--no-offload --seq-len 4096 --gpu-mem-gb 22 --phases --eager-kernels"
   [baseline_layers_4096]="--no-offload --seq-len 4096 --baseline hf --whole-layers --profile $W/prof"
+  [layers_4096]="--no-offload --seq-len 4096 --whole-layers"
+  [layers_prefetch_4096]="--no-offload --seq-len 4096 --whole-layers --zero stage3_prefetch_bucket_size=3.1e8"
 )
 # variants that differ in the environment only
 declare -A E=(

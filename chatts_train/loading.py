@@ -2,6 +2,7 @@
 partitions from the checkpoint (or, for probes, the shape alone with random values)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import deepspeed
@@ -18,9 +19,8 @@ from .weights import load_into_partitions
 class PartitionOnlyInit(deepspeed.zero.Init):
     """`zero.Init` without its broadcast of each new parameter from rank 0, which is there so that random
     initial values agree across ranks. Every value here is read from the checkpoint, or filled per partition,
-    right after: the broadcast only costs set-up a model's worth of traffic (29.8 GB on 14B), and on the
-    receiving ranks whole tensors wait for NCCL (the suspect of rank 1's 3.4 GiB set-up transient on 14B;
-    benchmarks/RESULTS.md section 7)."""
+    right after: the broadcast would only cost set-up a model's worth of traffic (29.8 GB on 14B). (It was
+    suspected of set-up's GPU peak; that was the fp32 construction, see `default_dtype`.)"""
 
     def _zero_init_param(self, param):
         self._convert_to_deepspeed_param(param)
@@ -49,7 +49,7 @@ def build_model(model_path: Optional[str], ds: dict, attn_implementation: Option
         if zero3:
             # No dtype argument: DeepSpeed 0.18 then takes it from the config (fp16 / bf16 / fp32), whereas an
             # explicit one is ignored on accelerators without fp16 (the CPU: bf16 instead of fp32).
-            with partitions_pinned_in_chunks(), PartitionOnlyInit(config_dict_or_path=ds):
+            with partitions_pinned_in_chunks(), default_dtype(dtype), PartitionOnlyInit(config_dict_or_path=ds):
                 model = ChatTSForCausalLM(config)
         else:
             model = ChatTSForCausalLM(config).to(dtype)
@@ -58,6 +58,19 @@ def build_model(model_path: Optional[str], ds: dict, attn_implementation: Option
     else:
         load_into_partitions(model, model_path)
     return model, hf_ds
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Parameters created in `dtype`: zero.Init makes each one whole on the GPU before partitioning it, in
+    torch's default dtype, and then converts it. In fp32 that was a vocabulary matrix's fp32 original and fp16
+    copy at once (2.9 + 1.45 GiB on 14B), the peak of set-up (measured with benchmarks/setup_trace.py)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def fill_random(model: torch.nn.Module) -> None:
