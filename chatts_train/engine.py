@@ -15,10 +15,11 @@ from .config import TrainConfig
 from .cpu_comm import blocking_gathers_on_cpu
 from .dsconfig import precision
 from .errors import TrainingError
-from .lean_activations import EAGER, fused_kernels, fusing_unavailable, keep_fewer_activations, lean_modules
+from .lean_activations import (EAGER, compile_ahead, fused_kernels, fusing_unavailable, keep_fewer_activations,
+                               lean_modules)
 from .loading import build_model
 from .lora import add_lora
-from .modeling import ChatTSConfig
+from .modeling import ChatTSConfig, check_checkpoint
 from .optim import make_optimizer, warmup_cosine
 
 
@@ -78,10 +79,16 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, shape: Optional
 
     Returns (engine, hf_ds); keep hf_ds alive as long as the engine."""
     blocking_gathers_on_cpu()
+    kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() else EAGER
+    if cfg.lean_activations and kernels is not EAGER:
+        text = shape if shape is not None else check_checkpoint(cfg.model_path)
+        compile_ahead(kernels, text.hidden_size, text.intermediate_size, text.rms_norm_eps, cfg.cutoff_len,
+                      precision(ds), torch.device(get_accelerator().current_device_name()))
+        get_accelerator().empty_cache()  # nothing else is on the GPU yet: give the trial runs' memory back
     model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, cfg.attn_implementation, config=shape)
     model.checkpoints_on_cpu = cfg.checkpoints_on_cpu
     if cfg.lean_activations:
-        keep_fewer_activations(model, fused_kernels() if cfg.fused_kernels and not fusing_unavailable() else EAGER)
+        keep_fewer_activations(model, kernels)
     model = add_lora(model, cfg, cfg.gradient_checkpointing)
     if cfg.gather_whole_layers:
         gather_whole_layers(model, ds["zero_optimization"])

@@ -6,6 +6,10 @@ RMSNorm's fp32 copy of its input (80 MiB, twice) and, for `silu(gate) * up`, `ga
 (108 MiB each). These functions keep the fp16 input of a norm (often alive anyway: the layer's input) and
 `gate`, `up`, and recompute the rest in backward. Forward and backward run the same operations in the same
 order as transformers' modules under autograd, so results are bit-identical (tests/test_model.py).
+
+On CUDA GPUs with Triton the same arithmetic is compiled into one kernel per function (`fused_kernels`,
+compiled before the model is loaded by `compile_ahead`): fewer passes over memory and no fp32 temporaries,
+results equal up to the intermediate fp16 roundings the fused kernels skip.
 """
 from __future__ import annotations
 
@@ -78,20 +82,54 @@ def fusing_unavailable() -> Optional[str]:
     return None
 
 
+def compile_ahead(kernels: Kernels, hidden: int, intermediate: int, eps: float, length: int, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Compile the kernels for every sequence length, tuned at `length`, before the model is on the GPU.
+    Compiled at the first step instead, Triton's trial runs of candidate configurations come on top of that
+    step's memory (the loop's first step, compiling, reserved 1.7 GiB more than memprobe with the compile
+    cache warm, on 2 x H200), and the second length seen compiles them all again."""
+    def dynamic(*shape: int, requires_grad: bool = False) -> torch.Tensor:
+        t = torch.randn(*shape, dtype=dtype, device=device)
+        torch._dynamo.mark_dynamic(t, 0)  # one graph for every number of positions (1 and 0 aside)
+        return t.requires_grad_(requires_grad)
+
+    # Graphs are kept apart by the inputs' requires_grad (torch.compile's guards): a layer's forward runs
+    # once without autograd (the checkpointed pass: False) and once recomputed under it (True); backward
+    # gets the saved inputs (True) and a gradient (False). Norm weights are frozen Parameters under LoRA.
+    weight = torch.nn.Parameter(torch.ones(hidden, dtype=dtype, device=device), requires_grad=False)
+    with torch.no_grad():
+        for requires_grad in (False, True):
+            x = dynamic(length, hidden, requires_grad=requires_grad)
+            _, rstd = kernels.norm_forward(x, weight, eps)
+            gate, up = (dynamic(length, intermediate, requires_grad=requires_grad) for _ in range(2))
+            kernels.gate_forward(gate, up)
+        torch._dynamo.mark_dynamic(rstd, 0)
+        kernels.norm_backward(dynamic(length, hidden), x, weight, rstd)
+        kernels.gate_backward(dynamic(length, intermediate), gate, up)
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., features] as [positions, features]: kernels then see one layout whatever the batch shape or the
+    stride of a batch dimension of 1 (torch.compile guards on both)."""
+    return t.reshape(-1, t.shape[-1])
+
+
 class SiluGate(torch.autograd.Function):
     """`silu(gate) * up`, keeping `gate` and `up` only (not `silu(gate)`)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+        ctx.shape = gate.shape
+        gate, up = rows(gate), rows(up)
         ctx.save_for_backward(gate, up)
         ctx.kernels = kernels
-        return kernels.gate_forward(gate, up)
+        return kernels.gate_forward(gate, up).view(ctx.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        grad_gate, grad_up = ctx.kernels.gate_backward(grad, gate, up)
-        return grad_gate, grad_up, None
+        grad_gate, grad_up = ctx.kernels.gate_backward(rows(grad), gate, up)
+        return grad_gate.view(ctx.shape), grad_up.view(ctx.shape), None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -100,18 +138,22 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: Kernels) -> torch.Tensor:
+        ctx.shape = x.shape
+        x = rows(x)
         y, rstd = kernels.norm_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.kernels = kernels
-        return y
+        return y.view(ctx.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:  # a trained norm (not under LoRA): eager, rare
-            grad_weight = (grad * (x.to(torch.float32) * rstd).to(x.dtype)).sum_to_size(weight.shape)
-        grad_x = ctx.kernels.norm_backward(grad, x, weight, rstd) if ctx.needs_input_grad[0] else None
+            grad_weight = (rows(grad) * (x.to(torch.float32) * rstd).to(x.dtype)).sum_to_size(weight.shape)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.kernels.norm_backward(rows(grad), x, weight, rstd).view(ctx.shape)
         return grad_x, grad_weight, None, None
 
 

@@ -219,9 +219,9 @@ def _layer_step(layer, x, pe, pos, grad):
     return y.detach(), x.grad, [p.grad for p in layer.parameters() if p.requires_grad], sum(kept.values())
 
 
-def _qwen2_layer(dtype, device="cpu"):
-    """A small Qwen2 decoder layer with frozen Linears (as under LoRA) and trained norms, and one step's
-    inputs: (layer, x, position embeddings, positions, output gradient)."""
+def _qwen2_layer(dtype, device="cpu", train_norms=True):
+    """A small Qwen2 decoder layer with frozen Linears (as under LoRA), and one step's inputs:
+    (layer, x, position embeddings, positions, output gradient)."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Config, Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
     torch.manual_seed(0)
@@ -233,7 +233,7 @@ def _qwen2_layer(dtype, device="cpu"):
         for p in layer.parameters():
             p.normal_(0, 0.3)
     for name, p in layer.named_parameters():
-        p.requires_grad = "norm" in name  # the norms' weight gradient checked too
+        p.requires_grad = train_norms and "norm" in name  # the norms' weight gradient checked too
     x = (torch.randn(1, seq, hidden) * 3).to(device, dtype)
     pos = torch.arange(seq, device=device)[None]
     pe = [t.to(dtype) for t in Qwen2RotaryEmbedding(cfg).to(device)(x, pos)]
@@ -270,27 +270,37 @@ def test_lean_activations_match_transformers_and_keep_less(dtype):
 
 @pytest.mark.slow  # compiling takes ~1 min on 2 CPU cores
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_fused_kernels_match_the_eager_ones(dtype):
+def test_fused_kernels_match_the_eager_ones_and_compile_ahead(dtype):
     """The fused kernels are EAGER's Python compiled (by Inductor: C++ here, Triton on a GPU, where this test
-    runs too): same results up to the intermediate roundings they skip, at two lengths (the second compiles the
-    sequence length as a dynamic dimension)."""
+    runs too): same results up to the intermediate roundings they skip. compile_ahead leaves nothing to
+    compile in the steps: forward without autograd (the checkpointed pass), forward and backward under it,
+    at lengths other than its own."""
     import copy
 
-    from chatts_train.lean_activations import EAGER, fused_kernels, keep_fewer_activations, lean_modules
+    from torch._dynamo.utils import counters
+
+    from chatts_train.lean_activations import EAGER, compile_ahead, fused_kernels, keep_fewer_activations, lean_modules
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    eager, x, pe, pos, grad = _qwen2_layer(dtype, device)
+    eager, x, pe, pos, grad = _qwen2_layer(dtype, device, train_norms=False)  # frozen, as under LoRA
     fused = copy.deepcopy(eager)
     keep_fewer_activations(eager)
     assert keep_fewer_activations(fused, fused_kernels()) == 3 and lean_modules(fused, EAGER) == 0
+    mlp, norm = fused.mlp, fused.input_layernorm
+    compile_ahead(fused_kernels(), norm.weight.numel(), mlp.intermediate_size, norm.variance_epsilon, 29, dtype,
+                  torch.device(device))
+    graphs = counters["stats"]["unique_graphs"]
     for length in (x.shape[1], 20):
         s = slice(0, length)
-        args = (x[:, s], [t[:, s] for t in pe], pos[:, s], grad[:, s])
-        y0, gx0, gw0, _ = _layer_step(eager, *args)
-        y1, gx1, gw1, _ = _layer_step(fused, *args)
-        for a, b in [(y1, y0), (gx1, gx0), *zip(gw1, gw0)]:  # norm weights' gradients: eager in both
+        args = (x[:, s].contiguous(), [t[:, s] for t in pe], pos[:, s], grad[:, s].contiguous())  # as in a model
+        with torch.no_grad():
+            fused(args[0], position_embeddings=args[1], position_ids=args[2])
+        y0, gx0, _, _ = _layer_step(eager, *args)
+        y1, gx1, _, _ = _layer_step(fused, *args)
+        for a, b in [(y1, y0), (gx1, gx0)]:
             # a few units in the last place of the tensor's largest value: roundings, not a different formula
             assert (a - b).abs().max() <= 4 * torch.finfo(dtype).eps * b.abs().max(), (length, dtype)
+    assert counters["stats"]["unique_graphs"] == graphs  # all compiled ahead
 
 
 def test_whole_layer_gathers_keep_a_layer_from_recompute_to_backward(tiny):
