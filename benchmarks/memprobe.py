@@ -353,20 +353,24 @@ def per_key_max(ranks: list[dict], key: str) -> dict:
     return {k: round(max(r.get(key, {}).get(k, 0.0) for r in ranks), 2) for k in sorted(names)}
 
 
+# what took ChatTS-14B at 4,096 tokens from 20.8 to 17.9 GiB device-level under a 22 GiB cap (RESULTS.md section 8)
+KNOBS = ("the layer checkpoints in host memory (--checkpoints-on-cpu here, --checkpoints_on_cpu in training; "
+         "-1.8 GiB allocated at 4,096 tokens on 14B), PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,"
+         "garbage_collection_threshold:0.7 with a per-process cap (--gpu-mem-gb here, --gpu_memory_cap_gib in "
+         "training; -1.2 GiB reserved), NCCL_MAX_NCHANNELS=4 on NVLink machines (-0.8 GiB outside PyTorch); "
+         "all three: 17.9 GiB device-level on 14B at 4,096 tokens; or a shorter --cutoff_len")
+
+
 def verdict(a, rep: dict) -> str:
     if not rep["ok"]:
         done = min(r.get("micro_steps", 0) for r in rep["ranks"])
-        return (f"does NOT fit: out of memory after {done} micro-steps. Keep parameter offload, or try a shorter "
-                f"--cutoff_len or the layer checkpoints in host memory (--checkpoints-on-cpu here, "
-                f"--checkpoints_on_cpu in training).")
+        return f"does NOT fit: out of memory after {done} micro-steps. Keep parameter offload, or try {KNOBS}."
     peak = rep["device_peak_gib"]
     if rep["offload"] == "none" and peak <= a.budget_gb:
         return (f"offload can go: device-level peak {peak:.1f} GiB per GPU <= budget {a.budget_gb:g} GiB "
                 f"({rep['alloc_retries']} allocator retries)")
     if rep["offload"] == "none":
-        return (f"keep offload: device-level peak {peak:.1f} GiB per GPU > budget {a.budget_gb:g} GiB. Next knobs: "
-                f"a shorter cutoff, the layer checkpoints in host memory (--checkpoints-on-cpu here, "
-                f"--checkpoints_on_cpu in training; -1.8 GiB allocated at 4,096 tokens on 14B).")
+        return f"keep offload: device-level peak {peak:.1f} GiB per GPU > budget {a.budget_gb:g} GiB. Next knobs: {KNOBS}."
     return f"with offload {rep['offload']}: device-level peak {peak:.1f} GiB per GPU (budget {a.budget_gb:g} GiB)"
 
 

@@ -93,6 +93,8 @@ def test_verdicts_and_config(tmp_path):
 
     over = memprobe.summarise_probe(a, [_rank(0), _rank(1, device_peak_gib=21.5)], 60)
     assert over["verdict"].startswith("keep offload") and "21.5" in over["verdict"]
+    # the measured way under the budget: host checkpoints, the allocator's collection, NCCL channels
+    assert all(k in over["verdict"] for k in ("--checkpoints_on_cpu", "garbage_collection_threshold", "NCCL_MAX_NCHANNELS"))
     memprobe.write_config(a, over)
     assert "offload_param" in json.load(open(a.write_config))["zero_optimization"]  # the users' config kept
 
