@@ -72,17 +72,18 @@ def build_engine(model, ds: dict, cfg: TrainConfig, total_steps: int):
 
 def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, shape: Optional[ChatTSConfig] = None):
     """The one way a training engine is made: `train()`, `benchmarks/memprobe.py` and custom loops all call
-    it, so what is measured is what runs. Model loaded from `cfg.model_path` (or, with `shape`, built from
-    config alone), LoRA with reentrant checkpointing, trainable weights in the run's dtype, DeepSpeed engine
-    with a checked loss scaler, and training mode: `from_pretrained` returns eval mode, and in eval mode
-    transformers silently skips gradient checkpointing (measured on 14B: 40 GiB instead of 7 GiB per GPU).
+    it, so what is measured is what runs. On CUDA the fused norm and gate kernels compiled first; model loaded
+    from `cfg.model_path` (or, with `shape`, built from config alone), LoRA with reentrant checkpointing,
+    trainable weights in the run's dtype, DeepSpeed engine with a checked loss scaler, and training mode:
+    `from_pretrained` returns eval mode, and in eval mode transformers silently skips gradient checkpointing
+    (measured on 14B: 40 GiB instead of 7 GiB per GPU).
 
     Returns (engine, hf_ds); keep hf_ds alive as long as the engine."""
     blocking_gathers_on_cpu()
     kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() else EAGER
     if cfg.lean_activations and kernels is not EAGER:
-        text = shape if shape is not None else check_checkpoint(cfg.model_path)
-        compile_ahead(kernels, text.hidden_size, text.intermediate_size, text.rms_norm_eps, cfg.cutoff_len,
+        config = shape if shape is not None else check_checkpoint(cfg.model_path)
+        compile_ahead(kernels, config.hidden_size, config.intermediate_size, config.rms_norm_eps, cfg.cutoff_len,
                       precision(ds), torch.device(get_accelerator().current_device_name()))
         get_accelerator().empty_cache()  # nothing else is on the GPU yet: give the trial runs' memory back
     model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, cfg.attn_implementation, config=shape)
@@ -152,6 +153,7 @@ def describe_setup(engine) -> dict:
         "frozen_dtypes": frozen,
         "trainable": trainable,
         "trainable_numel": int(sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)),
+        "gradient_bucket_numel": int(getattr(engine.optimizer, "reduce_bucket_size", 0)),
         "zero_stage": engine.zero_optimization_stage(),
         "offload_param": bool(engine.zero_offload_param()) if engine.zero_optimization_stage() == 3 else False,
         "loss_scaler": type(getattr(engine.optimizer, "loss_scaler", None)).__name__,

@@ -199,6 +199,15 @@ def test_pinned_chunks_pack_partitions_without_overlap_or_rounding():
     assert len(chunks.chunks) == 4 and chunks.reserved_bytes == 2 * (1 << 20) + (1 << 21) + (1 << 23)
 
 
+def test_default_dtype_builds_in_the_runs_dtype_and_restores_torchs():
+    from chatts_train.loading import default_dtype
+
+    with pytest.raises(RuntimeError), default_dtype(torch.float16):
+        assert torch.nn.Linear(4, 4).weight.dtype == torch.float16  # zero.Init converts nothing then
+        raise RuntimeError("a failed build")
+    assert torch.get_default_dtype() == torch.float32
+
+
 def _layer_step(layer, x, pe, pos, grad):
     """Output, input gradient, trainable-weight gradients, and bytes kept for backward (distinct storages
     other than the weights) of one decoder layer's forward + backward."""

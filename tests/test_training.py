@@ -109,6 +109,8 @@ def test_every_decoder_layer_trains_with_checkpointing_in_train(results):
     setup = r["setup"]
     assert setup["training"] and setup["checkpointed_layers"] == setup["decoder_layers"] == 2
     assert setup["checkpointing_reentrant"] is True and setup["input_requires_grad_hook"] is True
+    # ZeRO-3's gradient bucket, allocated whole at start-up, holds no more than all trainable weights
+    assert 0 < setup["gradient_bucket_numel"] == setup["trainable_numel"]
     # setup.json: the set-up the steps ran with, plus each rank's memory after set-up (host RSS, GPU peak)
     assert {k: v for k, v in r["recorded"].items() if not k.startswith(("host_", "setup_peak_"))} == setup
     assert len(r["recorded"]["setup_peak_allocated_gib"]) == 2
