@@ -172,12 +172,12 @@ def worker(a: argparse.Namespace) -> None:
                           outside_allocator_after_setup_gib=outside_allocator_gib(device))
             torch.cuda.reset_peak_memory_stats(device)
             sampler.section = "steps"
-        spec = config.ts_spec
+        spec, pad_id = config.ts_spec, config.pad_token_id or 0  # the checkpoint's pad (pads carry no loss)
         if a.pack:
             lengths = [int(x) for x in a.pack.split(",")]
-            batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], 151643)
+            batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], pad_id)
         else:
-            batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], 151643)
+            batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
         token_scale, _ = step_token_scale([batch] * a.grad_accum, a.grad_accum, world, device)

@@ -83,8 +83,13 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, shape: Optional
     kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() else EAGER
     if cfg.lean_activations and kernels is not EAGER:
         config = shape if shape is not None else check_checkpoint(cfg.model_path)
-        compile_ahead(kernels, config.hidden_size, config.intermediate_size, config.rms_norm_eps, cfg.cutoff_len,
-                      precision(ds), torch.device(get_accelerator().current_device_name()))
+        try:
+            compile_ahead(kernels, config.hidden_size, config.intermediate_size, config.rms_norm_eps,
+                          cfg.cutoff_len, precision(ds), torch.device(get_accelerator().current_device_name()))
+        except Exception as e:  # Inductor / Triton on this machine (a compiler, a driver, an old GPU)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise TrainingError(f"compiling the fused norm and gate kernels failed ({type(e).__name__}: {first}); "
+                                "run with --fused_kernels false: the same arithmetic, op by op") from e
         get_accelerator().empty_cache()  # nothing else is on the GPU yet: give the trial runs' memory back
     model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, cfg.attn_implementation, config=shape)
     model.checkpoints_on_cpu = cfg.checkpoints_on_cpu

@@ -312,6 +312,23 @@ def test_fused_kernels_match_the_eager_ones_and_compile_ahead(dtype):
     assert counters["stats"]["unique_graphs"] == graphs  # all compiled ahead
 
 
+def test_fused_kernels_that_fail_to_compile_stop_set_up_with_the_way_out(tiny, monkeypatch):
+    import chatts_train.engine as engine
+    from chatts_train.config import TrainConfig
+    from chatts_train.errors import TrainingError
+    from chatts_train.lean_activations import Kernels
+
+    def no_compiler(*args):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
+
+    monkeypatch.setattr(engine, "fusing_unavailable", lambda: None)  # as on a CUDA machine with Triton
+    monkeypatch.setattr(engine, "fused_kernels", lambda: Kernels(*(4 * [None])))
+    monkeypatch.setattr(engine, "compile_ahead", no_compiler)
+    with pytest.raises(TrainingError, match="C compiler.*--fused_kernels false") as e:
+        engine.prepare_engine(TrainConfig(model_path=tiny["0801"]), {}, 10)  # before the model or the engine
+    assert "more" not in str(e.value)  # the first line of the cause, not its whole text
+
+
 def test_whole_layer_gathers_keep_a_layer_from_recompute_to_backward(tiny):
     from chatts_train.engine import decoder_layers, gather_whole_layers
 
