@@ -37,7 +37,8 @@ def _norm_forward_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> t
     return weight * (x32 * rstd).to(x.dtype), rstd
 
 
-def _norm_backward_kernel(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+def _norm_backward_kernel(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          rstd: torch.Tensor) -> torch.Tensor:
     # autograd's chain for the forward above, op by op: mul, cast, mul by rstd, rsqrt, mean, pow
     x32 = x.to(torch.float32)
     g32 = (grad * weight).to(torch.float32)
@@ -49,8 +50,8 @@ def _norm_backward_kernel(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 @dataclass(frozen=True)
 class Kernels:
-    """The arithmetic of the functions below; `EAGER` runs it op by op, `fused_kernels()` the same Python
-    compiled into one kernel per function."""
+    """The arithmetic of SiluGate and RMSNormFunction (below); `EAGER` runs it op by op, `fused_kernels()`
+    the same Python compiled into one kernel per function."""
     gate_forward: Callable
     gate_backward: Callable
     norm_forward: Callable
@@ -62,11 +63,10 @@ EAGER = Kernels(_gate_forward, _gate_backward, _norm_forward_kernel, _norm_backw
 
 @functools.cache
 def fused_kernels() -> Kernels:
-    """EAGER's functions through torch.compile (compiled at first call). Op by op, the norm's backward alone
-    reads or writes ~1.9 GB per 14B layer at 4,096 tokens in a dozen kernels, with fp32 temporaries of 80 MiB
-    each; compiled it is one kernel that reads `grad` and `x` and writes the result. Rounding differs from
-    EAGER's by intermediate fp16 roundings that the fused kernels skip. The sequence length stays a
-    dynamic dimension after the second length seen (torch.compile's automatic dynamic shapes)."""
+    """EAGER's functions through torch.compile (compiled at first call: `compile_ahead` makes that call). Op
+    by op, the norm's backward alone reads or writes ~1.9 GB per 14B layer at 4,096 tokens in a dozen kernels,
+    with fp32 temporaries of 80 MiB each; compiled it is one kernel that reads `grad` and `x` and writes the
+    result. Rounding differs from EAGER's by intermediate fp16 roundings that the fused kernels skip."""
     return Kernels(*(torch.compile(f, fullgraph=True) for f in
                      (_gate_forward, _gate_backward, _norm_forward_kernel, _norm_backward_kernel)))
 
