@@ -46,6 +46,15 @@ def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple
     return rank, world, device
 
 
+def allocator_note(gpu_memory_cap_gib: Optional[float]) -> Optional[str]:
+    """A PYTORCH_CUDA_ALLOC_CONF setting that cannot act in this run, or None. PyTorch's allocator collects
+    its cache (garbage_collection_threshold) only under a per-process memory fraction."""
+    if "garbage_collection_threshold" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") and not gpu_memory_cap_gib:
+        return ("PYTORCH_CUDA_ALLOC_CONF's garbage_collection_threshold acts only under a per-process cap: add "
+                "--gpu_memory_cap_gib (the card's size in GiB will do)")
+    return None
+
+
 def build_engine(model, ds: dict, cfg: TrainConfig, total_steps: int):
     """`deepspeed.initialize` with AdamW (CPU Adam when the optimizer is offloaded) and warmup + cosine."""
     dtype = precision(ds)

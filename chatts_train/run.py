@@ -18,7 +18,7 @@ from .checkpoint import latest_resume, load_resume
 from .config import TrainConfig, check_config
 from .data import DataIndex, describe, index_data, resolve_sources, split
 from .dsconfig import load_ds_config, precision
-from .engine import describe_setup, init_process, loss_scale, prepare_engine
+from .engine import allocator_note, describe_setup, init_process, loss_scale, prepare_engine
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_samples, format_before_after, read_samples, score_by_dataset, write_report
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
@@ -160,6 +160,8 @@ def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.de
                 f"{setup['decoder_layers']}, loss scale {loss_scale(engine):g}")
     if device.type == "cuda" and cfg.lean_activations and cfg.fused_kernels and not setup["fused_kernel_modules"]:
         rank0_print(f"[model] fused kernels off: {fusing_unavailable()}")
+    if device.type == "cuda" and allocator_note(cfg.gpu_memory_cap_gib):
+        rank0_print(f"[model] {allocator_note(cfg.gpu_memory_cap_gib)}")
     rank0_print("[host] RSS after load per rank: " + ", ".join(f"{r['rss']:.1f} GiB (peak {r['peak']:.1f})" for r in rss))
     if device.type == "cuda":
         rank0_print("[model] GPU memory of set-up (peak allocated per rank): " + ", ".join(f"{r['gpu']:.2f} GiB" for r in rss))

@@ -73,3 +73,13 @@ def test_an_output_dir_that_holds_a_run_is_not_overwritten_by_accident(tiny, tmp
         check_config(TrainConfig(**base))
     check_config(TrainConfig(**base, overwrite_output_dir=True))
     check_config(TrainConfig(**base, resume=True))
+
+
+def test_an_allocator_setting_that_cannot_act_is_named(monkeypatch):
+    from chatts_train.engine import allocator_note
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,garbage_collection_threshold:0.7")
+    assert "--gpu_memory_cap_gib" in allocator_note(None)
+    assert allocator_note(22.0) is None  # under a cap it acts
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert allocator_note(None) is None
