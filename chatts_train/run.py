@@ -160,8 +160,9 @@ def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.de
                 f"{setup['decoder_layers']}, loss scale {loss_scale(engine):g}")
     if device.type == "cuda" and cfg.lean_activations and cfg.fused_kernels and not setup["fused_kernel_modules"]:
         rank0_print(f"[model] fused kernels off: {fusing_unavailable()}")
-    if device.type == "cuda" and allocator_note(cfg.gpu_memory_cap_gib):
-        rank0_print(f"[model] {allocator_note(cfg.gpu_memory_cap_gib)}")
+    note = allocator_note(cfg.gpu_memory_cap_gib)
+    if device.type == "cuda" and note:
+        rank0_print(f"[model] {note}")
     rank0_print("[host] RSS after load per rank: " + ", ".join(f"{r['rss']:.1f} GiB (peak {r['peak']:.1f})" for r in rss))
     if device.type == "cuda":
         rank0_print("[model] GPU memory of set-up (peak allocated per rank): " + ", ".join(f"{r['gpu']:.2f} GiB" for r in rss))

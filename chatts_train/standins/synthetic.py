@@ -84,6 +84,11 @@ def make_sample(rng: np.random.Generator, length: int = 5000, max_series: int = 
     return {"input": q, "output": a, "timeseries": [np.round(x, 4).tolist() for x in series]}
 
 
+def _info_entry(name: str) -> dict:
+    """A dataset_info.json entry for `{name}.jsonl` in the ChatTS columns."""
+    return {"file_name": f"{name}.jsonl", "columns": {"prompt": "input", "response": "output", "timeseries": "timeseries"}}
+
+
 def write_datasets(out_dir: str, sizes: dict[str, int] | None = None, length: int = 5000, seed: int = 0) -> str:
     """Write `{name}.jsonl` for each dataset and a LLaMA-Factory `dataset_info.json`; returns out_dir."""
     sizes = sizes or USER_DATASETS
@@ -94,8 +99,7 @@ def write_datasets(out_dir: str, sizes: dict[str, int] | None = None, length: in
         with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
             for _ in range(count):
                 f.write(json.dumps(make_sample(rng, length), ensure_ascii=False) + "\n")
-        info[name] = {"file_name": f"{name}.jsonl",
-                      "columns": {"prompt": "input", "response": "output", "timeseries": "timeseries"}}
+        info[name] = _info_entry(name)
     with open(os.path.join(out_dir, "dataset_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     return out_dir
@@ -108,9 +112,11 @@ def write_anomaly_dataset(out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     write_series_task(os.path.join(out_dir, "anomaly.jsonl"), 160, length=128, seed=1)
     info_file = os.path.join(out_dir, "dataset_info.json")
-    info = json.load(open(info_file)) if os.path.exists(info_file) else {}
-    info["anomaly"] = {"file_name": "anomaly.jsonl",
-                       "columns": {"prompt": "input", "response": "output", "timeseries": "timeseries"}}
+    info = {}
+    if os.path.exists(info_file):
+        with open(info_file) as f:
+            info = json.load(f)
+    info["anomaly"] = _info_entry("anomaly")
     with open(info_file, "w") as f:
         json.dump(info, f, indent=2)
     return out_dir
