@@ -39,6 +39,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset-dir", default="data")
     p.add_argument("--tokenizer", default=None, help="checkpoint folder for tokenizer + ts config (default --model)")
     p.add_argument("--cutoff-len", type=int, default=4096, help="with --data: samples over it are dropped, as in training")
+    p.add_argument("--also-seq-len", type=str, default="",
+                   help="comma-separated lengths measured first with the same engine and plan: peak allocated, "
+                        "step time and the plan's prediction at each (the memory model's calibration)")
     p.add_argument("--pack", type=str, default="",
                    help="comma-separated sample lengths packed into one micro-step (e.g. 1432,1432), instead of --seq-len")
     p.add_argument("--num-gpus", type=int, default=2)
@@ -53,9 +56,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-mem-gb", type=float, default=None, help="cap each process to this many GiB")
     p.add_argument("--budget-gb", type=float, default=20.0, help="offload can go under this device-level peak (GiB)")
     p.add_argument("--card", default=None, help="peak-FLOPs key for MFU (2080 Ti, H100, H200); default: detected")
-    p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
-    p.add_argument("--checkpoints-on-cpu", action="store_true", help="as --checkpoints_on_cpu in training")
-    p.add_argument("--whole-layers", action="store_true", help="as --gather_whole_layers in training")
+    p.add_argument("--plan", choices=["auto", "reference"], default="auto",
+                   help="as in training: auto, the job's choice for these cards (pins below), or the reference plan")
+    p.add_argument("--zero-stage", type=int, choices=[2, 3], default=None, help="as --zero_stage in training (a pin)")
+    p.add_argument("--recompute-layers", type=int, default=None, help="as --recompute_layers in training (a pin)")
+    p.add_argument("--no-checkpointing", action="store_true", help="pin: no layer recomputed")
+    p.add_argument("--checkpoints-on-cpu", action="store_true", help="pin, as --checkpoints_on_cpu true in training")
+    p.add_argument("--whole-layers", action="store_true", help="pin, as --gather_whole_layers true in training")
+    p.add_argument("--per-linear", action="store_true", help="pin, as --gather_whole_layers false in training")
     p.add_argument("--plain-activations", action="store_true", help="as --lean_activations false in training")
     p.add_argument("--eager-kernels", action="store_true", help="as --fused_kernels false in training")
     p.add_argument("--attn", default=None, help="sdpa (default), flash_attention_2, eager")
@@ -134,13 +142,20 @@ def worker(a: argparse.Namespace) -> None:
     from chatts_train.hostmem import host_need_gib, peak_rss_gib, rss_gib
     from chatts_train.loop import micro_step, step_token_scale
     from chatts_train.modeling import check_checkpoint
+    from chatts_train.dsconfig import precision
+    from chatts_train.plan import Shape, apply_to_ds, plan_run, predict_peak_gib, step_seconds
     from chatts_train.weights import checkpoint_bytes, largest_shard_bytes
 
     ours = a.recipe != "hf"  # this project's options (and --zero's knobs) apply to ours, never to the usual recipe
+    pin = (lambda on, value=True: value if ours and on else None)
     cfg = TrainConfig(model_path=a.model or "", learning_rate=1e-4, attn_implementation=a.attn,
-                      gradient_checkpointing=not a.no_checkpointing, gpu_memory_cap_gib=a.gpu_mem_gb,
-                      checkpoints_on_cpu=ours and a.checkpoints_on_cpu, gather_whole_layers=ours and a.whole_layers,
-                      lean_activations=ours and not a.plain_activations, fused_kernels=not a.eager_kernels)
+                      plan=a.plan if ours else "reference", recompute_layers=a.recompute_layers if ours else None,
+                      zero_stage=a.zero_stage if ours else None,
+                      gradient_checkpointing=False if a.no_checkpointing else None, gpu_memory_cap_gib=a.gpu_mem_gb,
+                      checkpoints_on_cpu=pin(a.checkpoints_on_cpu),
+                      gather_whole_layers=pin(a.whole_layers) if a.whole_layers else pin(a.per_linear, False),
+                      lean_activations=ours and not a.plain_activations, fused_kernels=not a.eager_kernels,
+                      packing=bool(a.pack))
     rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
     gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
     ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
@@ -150,16 +165,25 @@ def worker(a: argparse.Namespace) -> None:
     for kv in a.zero if ours else ():
         key, value = kv.split("=", 1)
         ds["zero_optimization"][key] = json.loads(value)
+    also = [int(x) for x in a.also_seq_len.split(",") if x]
+    positions = max([sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len] + also)
+    plan, ranked, cards = plan_run(cfg, ds, config, positions, world, device)  # the job's own choice, pins and all
+    apply_to_ds(plan, ds)
+    shape = Shape.of(config, precision(ds).itemsize)
+    main_len = sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len
+    predicted = {"peak_gib": predict_peak_gib(plan, shape, world, main_len), "step_s": step_seconds(plan, shape, cards, main_len)}
     sampler = DeviceSampler(device)
     if gpu:
         sampler.start()
     result = {"rank": rank, "recipe": a.recipe, "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
+              "plan": plan.as_dict(), "plan_line": plan.line(), "predicted_peak_gib": round(predicted["peak_gib"], 3),
+              "predicted_step_s": round(predicted["step_s"], 3), "host_gbps": round(cards.host_gbps, 1),
               "total_gib": torch.cuda.get_device_properties(device).total_memory / GiB if gpu else 0,
-              "cap_gib": a.gpu_mem_gb, "offload": a.offload or "config", "micro_steps": 0,
+              "cap_gib": a.gpu_mem_gb, "offload": "param" if plan.offload_param else (a.offload or "none"), "micro_steps": 0,
               "host_rss_before_load_gib": rss_gib()}
     t_build = time.time()
     try:
-        engine, hf_ds = prepare_engine(cfg, ds, total_steps=1000, shape=None if a.model else config)
+        engine, hf_ds = prepare_engine(cfg, ds, 1000, plan, shape=None if a.model else config)
         engine.module.get_base_model().full_vocabulary_loss = not ours
         model_bytes = checkpoint_bytes(a.model) if a.model else sum(
             getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
@@ -173,6 +197,23 @@ def worker(a: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats(device)
             sampler.section = "steps"
         spec, pad_id = config.ts_spec, config.pad_token_id or 0  # the checkpoint's pad (pads carry no loss)
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
+        result["also"] = []
+        for n in also:  # the same steps at other lengths, each with its own peak and the plan's prediction
+            b = {k: v.to(device) for k, v in collate([probe_batch(n, spec, config.vocab_size)], pad_id).items()}
+            scale, _ = step_token_scale([b] * a.grad_accum, a.grad_accum, world, device)
+            took = []
+            for _ in range(a.steps * a.grad_accum):
+                sync()
+                t = time.perf_counter()
+                micro_step(engine, b, scale)
+                sync()
+                took.append(time.perf_counter() - t)
+            result["also"].append({"seq_len": n, "micro_step_s": steady_median(took, a.grad_accum),
+                                   "predicted_peak_gib": round(predict_peak_gib(plan, shape, world, n), 3),
+                                   "predicted_step_s": round(step_seconds(plan, shape, cards, n), 3), **memory(device)})
+            if gpu:
+                torch.cuda.reset_peak_memory_stats(device)
         if a.pack:
             lengths = [int(x) for x in a.pack.split(",")]
             batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], pad_id)
@@ -183,7 +224,6 @@ def worker(a: argparse.Namespace) -> None:
         token_scale, _ = step_token_scale([batch] * a.grad_accum, a.grad_accum, world, device)
         result["seq_len"] = int(batch["input_ids"].shape[1])
         result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
-        sync = torch.cuda.synchronize if gpu else (lambda: None)
         traffic = count_traffic()
         phases = PhasePeaks(engine, device) if a.phases and gpu else None
         times, losses, warm_traffic, gathered, step_peaks = [], [], {}, [], []
@@ -310,6 +350,8 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
     cfg = json.load(open(source)) if source else chatts_config(a.release)
     alloc = "expandable_segments:False" if recipe == "hf" else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True (train()'s default)")
     rep = {"ok": ok, "recipe": recipe, "offload": ranks[0].get("offload"), "zero_overrides": a.zero, "gpus": a.num_gpus,
+           "plan": ranks[0].get("plan"), "plan_line": ranks[0].get("plan_line"),
+           "predicted_peak_gib": ranks[0].get("predicted_peak_gib"), "predicted_step_s": ranks[0].get("predicted_step_s"),
            "alloc_conf": alloc, "wall_s": round(wall_s, 1),
            "ranks": ranks, "budget_gib": a.budget_gb}
     if ok:
@@ -328,7 +370,9 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
                    host_need=ranks[0].get("host_need"), setup=ranks[0].get("setup"), losses=ranks[0].get("losses"),
                    link_bytes_per_micro_step={k: round(max(r["link_bytes_per_micro_step"][k] for r in ranks))
                                               for k in ranks[0].get("link_bytes_per_micro_step", {})},
-                   budget=ranks[0].get("budget"),
+                   budget=ranks[0].get("budget"), host_gbps=ranks[0].get("host_gbps"),
+                   also=[{**x, "prediction_error": round(x["predicted_peak_gib"] / x["peak_allocated_gib"] - 1, 4)
+                          if x.get("peak_allocated_gib") else None} for x in ranks[0].get("also", [])],
                    phase_peaks_gib=per_key_max(ranks, "phase_peaks_gib"),
                    device_peak_by_section_gib=per_key_max(ranks, "device_peak_by_section_gib"),
                    **{k: round(max(r.get(k, 0.0) for r in ranks), 2) for k in (
@@ -337,6 +381,8 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
                        "inactive_split_peak_gib")},
                    # an upper bound: every sample costs a micro-step at the probed (worst-case) length
                    estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))
+        if rep["predicted_peak_gib"] and rep["peak_allocated_gib"]:  # did the plan's memory model hold? (GPU only)
+            rep["prediction_error"] = round(rep["predicted_peak_gib"] / rep["peak_allocated_gib"] - 1, 4)
         if card:
             rep["card"] = card
             rep["mfu"] = round(model_flops / step / (PEAK_TFLOPS[card] * 1e12), 3)
@@ -362,28 +408,38 @@ KNOBS = ("the layer checkpoints in host memory (--checkpoints-on-cpu here, --che
 
 
 def verdict(a, rep: dict) -> str:
+    where = f" under the plan '{rep['plan_line']}'" if rep.get("plan_line") else ""
     if not rep["ok"]:
         done = min(r.get("micro_steps", 0) for r in rep["ranks"])
-        return f"does NOT fit: out of memory after {done} micro-steps. Keep parameter offload, or try {KNOBS}."
+        return (f"does NOT fit{where}: out of memory after {done} micro-steps. Keep parameter offload, or try "
+                f"{KNOBS}.")
+    held = (f"; the plan predicted {rep['predicted_peak_gib']:.2f} GiB allocated, measured "
+            f"{rep['peak_allocated_gib']:.2f} ({rep['prediction_error']:+.1%})" if "prediction_error" in rep else "")
     peak = rep["device_peak_gib"]
     if rep["offload"] == "none" and peak <= a.budget_gb:
-        return (f"offload can go: device-level peak {peak:.1f} GiB per GPU <= budget {a.budget_gb:g} GiB "
-                f"({rep['alloc_retries']} allocator retries)")
+        return (f"offload can go{where}: device-level peak {peak:.1f} GiB per GPU <= budget {a.budget_gb:g} GiB "
+                f"({rep['alloc_retries']} allocator retries){held}")
     if rep["offload"] == "none":
-        return f"keep offload: device-level peak {peak:.1f} GiB per GPU > budget {a.budget_gb:g} GiB. Next knobs: {KNOBS}."
-    return f"with offload {rep['offload']}: device-level peak {peak:.1f} GiB per GPU (budget {a.budget_gb:g} GiB)"
+        return (f"keep offload: device-level peak {peak:.1f} GiB per GPU > budget {a.budget_gb:g} GiB{where}{held}. "
+                f"Next knobs: {KNOBS}.")
+    return f"with offload {rep['offload']}{where}: device-level peak {peak:.1f} GiB per GPU (budget {a.budget_gb:g} GiB){held}"
 
 
 def write_config(a, rep: dict) -> str | None:
-    """Write the DeepSpeed config the verdict calls for: without offload when it fits, else unchanged."""
+    """Write the DeepSpeed config the verdict calls for: the measured plan's ZeRO stage without offload when it
+    fits, else ZeRO-3 with parameter offload."""
     if not a.write_config:
         return None
     with open(a.ds_config) as f:
         ds = json.load(f)
+    zero = ds.setdefault("zero_optimization", {})
     fits = rep["ok"] and rep["offload"] == "none" and rep["device_peak_gib"] <= a.budget_gb
+    zero.pop("offload_optimizer", None)
     if fits:
-        ds["zero_optimization"].pop("offload_param", None)
-        ds["zero_optimization"].pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+        zero["stage"] = (rep.get("plan") or {}).get("zero_stage", zero.get("stage", 3))
+    else:
+        zero.update(stage=3, offload_param={"device": "cpu", "pin_memory": True})
     ds["_memprobe"] = {"verdict": rep["verdict"], "seq_len": rep.get("seq_len"), "device_peak_gib": rep.get("device_peak_gib"),
                        "gpu": rep["ranks"][0].get("gpu"), "cap_gib": a.gpu_mem_gb, "date": time.strftime("%Y-%m-%d")}
     with open(a.write_config, "w") as f:
@@ -419,7 +475,7 @@ def main(argv=None) -> None:
     if a.json:
         print(json.dumps(rep, indent=2))
         return
-    keys = ["seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
+    keys = ["plan_line", "predicted_peak_gib", "prediction_error", "also", "seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
             "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_rss_after_load_gib", "host_peak_gib",
             "estimated_job_s", "link_bytes_per_micro_step", "job_on_2080ti"]
     print(f"\nmemprobe: {a.num_gpus} GPU(s), offload {rep['offload']}, cap {a.gpu_mem_gb} GiB")

@@ -1,10 +1,11 @@
-"""`chatts-train` command line: train, inspect-data, generate, eval, merge, make-tiny, make-data."""
+"""`chatts-train` command line: train, plan, inspect-data, generate, eval, merge, make-tiny, make-data."""
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
 import sys
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .errors import ChatTSTrainError
@@ -100,15 +101,78 @@ def add_generation_args(p: argparse.ArgumentParser, model_required: bool = True)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
+@dataclass
+class PlanTarget:
+    """`chatts-train plan`'s own options, beside training's: the cards to plan for (default: this machine's)."""
+
+    gpus: Optional[int] = None  # GPUs per node (default: this machine's; 1 on a machine without CUDA)
+    nodes: int = 1
+    gpu_gib: Optional[float] = None  # usable memory per GPU (default: --gpu_memory_cap_gib, else this GPU's free memory)
+    positions: Optional[int] = None  # the longest micro-step (default: from --data, else --cutoff_len)
+    host_gbps: Optional[float] = None  # host-to-GPU copy rate, GB/s (default: measured here; 12, PCIe 3.0 x16, with --gpu_gib)
+
+
+def _plan(argv: list[str]) -> None:
+    """Every candidate plan for training's options, with its predicted memory and speed and why it was or
+    was not chosen, without loading the model."""
+    import torch
+
+    from .config import TrainConfig, parse_config
+    from .dsconfig import load_ds_config, precision
+    from .errors import ConfigError
+    from .modeling import config_of
+    from .plan import Cards, Shape, choose, detect_cards, format_candidates, pins_of
+
+    cfg, target = parse_config((TrainConfig, PlanTarget), argv)
+    per_node = target.gpus or max(torch.cuda.device_count(), 1)
+    world = per_node * target.nodes
+    ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
+    config = config_of(cfg.model_path)
+    positions = target.positions or _longest_micro_step(cfg, ds, world)
+    if target.gpu_gib or cfg.gpu_memory_cap_gib or not torch.cuda.is_available():
+        cards = Cards(per_node, target.nodes, target.gpu_gib or cfg.gpu_memory_cap_gib or 0.0, cfg.gpu_memory_cap_gib)
+        if not cards.usable_gib:
+            raise ConfigError(["no GPU here: say which cards to plan for, e.g. --gpus 2 --gpu_gib 22"])
+    else:
+        cards = detect_cards(None, world, per_node)
+    if target.host_gbps:
+        cards = replace(cards, host_gbps=target.host_gbps)
+    shape = Shape.of(config, precision(ds).itemsize)
+    _, ranked = choose(shape, cards, positions, pins_of(cfg, ds, shape.layers), cfg.packing, cfg.plan)
+    print(format_candidates(ranked, positions, cards))
+    print(f"pin a plan with its options, e.g. {ranked[0].plan.flags()}")
+
+
+def _longest_micro_step(cfg, ds: dict, world: int) -> int:
+    """The run's longest micro-step from its data, as training samples it; the cutoff without data."""
+    from .data import index_data, resolve_sources, split
+    from .processor import ChatTSProcessor
+    from .sampler import Sampler
+
+    try:
+        sources = resolve_sources(cfg.data, cfg.dataset_dir)
+    except ChatTSTrainError:
+        return cfg.cutoff_len
+    index = index_data(sources, ChatTSProcessor.from_pretrained(cfg.model_path), cfg.cutoff_len, cfg.strict_data)
+    train_ids, _ = split(index, cfg.val_size, cfg.seed)
+    sampler = Sampler(index, train_ids, cfg.seed, ds["train_micro_batch_size_per_gpu"], world,
+                      ds["gradient_accumulation_steps"], pack_to=cfg.cutoff_len if cfg.packing else 0)
+    return sampler.longest(sampler.total_steps(cfg.num_epochs, cfg.max_steps))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # the dataclass CLI owns all of train's options
         from .loop import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        return _guard(_plan, argv[1:])
     parser = argparse.ArgumentParser(prog="chatts-train", description="ChatTS LoRA fine-tuning toolkit")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="run training (see `chatts-train train --help`)")
+    sub.add_parser("plan", help="the candidate plans for training's options, predicted memory and speed, and "
+                                "which one the job would choose (`chatts-train plan --help`)")
     p = sub.add_parser("inspect-data", help="per-dataset statistics of the expanded sequences")
     p.add_argument("--model_path", required=True, help="a ChatTS checkpoint (its tokenizer and ts config)")
     p.add_argument("--data", required=True)

@@ -38,12 +38,16 @@ class TrainConfig:
     packing: bool = False  # join consecutive samples into one row up to cutoff_len (attention stays per sample)
     grad_accum: Optional[int] = None  # overrides gradient_accumulation_steps
     fp16: Optional[bool] = None  # overrides fp16.enabled (the CPU demo runs fp32)
+    # how the run executes (plan.py): what is left unset here and in the DeepSpeed file, the plan decides
+    plan: str = "auto"  # auto: the fastest plan predicted to fit the cards; reference: ZeRO-3, per-Linear, all recomputed
+    zero_stage: Optional[int] = None  # 2: frozen base whole on every GPU; 3: partitioned (overrides the DeepSpeed file)
     offload: Optional[str] = None  # none | param | optimizer | all; overrides the DeepSpeed config
-    gradient_checkpointing: bool = True
-    checkpoints_on_cpu: bool = False  # keep each layer's checkpointed input in host memory (~1.9 GiB/GPU on 14B at 4096)
+    recompute_layers: Optional[int] = None  # decoder layers recomputed in backward (0..all); the rest keep activations
+    gradient_checkpointing: Optional[bool] = None  # false: recompute none; true: recompute all
+    checkpoints_on_cpu: Optional[bool] = None  # the recomputed layers' inputs wait in host memory (~1.9 GiB/GPU on 14B at 4096)
+    gather_whole_layers: Optional[bool] = None  # ZeRO-3 gathers a decoder layer's weights at once, not per Linear
     lean_activations: bool = True  # MLP gate and RMSNorms keep less for backward, bit-identical (~0.2 GiB per 14B layer at 4096)
     fused_kernels: bool = True  # on CUDA with Triton: those norms and the gate compiled to one kernel each (torch.compile)
-    gather_whole_layers: bool = False  # ZeRO-3 gathers a decoder layer's weights at once, not per Linear (fewer hooks)
     gpu_memory_cap_gib: Optional[float] = None  # cap each process's PyTorch memory (emulate a smaller card)
     attn_implementation: Optional[str] = None  # sdpa (default), flash_attention_2 (sm80+), eager
     seed: int = 42
@@ -66,6 +70,7 @@ class TrainConfig:
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = (None, "auto", "sdpa", "eager", "flash_attention_2")
+PLAN_MODES = ("auto", "reference")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -93,6 +98,15 @@ def check_config(cfg: TrainConfig) -> None:
     unknown = [t for t in cfg.lora_target_list if t not in LORA_TARGETS]
     if unknown or not cfg.lora_target_list:
         problems.append(f"--lora_targets {cfg.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")
+    if cfg.plan not in PLAN_MODES:
+        problems.append(f"--plan {cfg.plan!r}: use auto (the fastest that fits) or reference")
+    if cfg.zero_stage not in (None, 2, 3):
+        problems.append(f"--zero_stage {cfg.zero_stage}: use 2 (frozen base whole on every GPU) or 3 (partitioned)")
+    if cfg.zero_stage == 2 and cfg.offload in ("param", "all"):
+        problems.append("--zero_stage 2 keeps the base on every GPU, so it cannot offload it: drop --offload param "
+                        "or use --zero_stage 3")
+    if cfg.recompute_layers is not None and cfg.recompute_layers < 0:
+        problems.append(f"--recompute_layers {cfg.recompute_layers}: must be >= 0 (0: none recomputed)")
     if cfg.attn_implementation not in ATTENTION:
         problems.append(f"--attn_implementation {cfg.attn_implementation!r}: use sdpa, eager or flash_attention_2")
     for name, ok, need in (("lora_rank", cfg.lora_rank > 0, "> 0"), ("cutoff_len", cfg.cutoff_len > 0, "> 0"),
@@ -108,18 +122,18 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(problems)
 
 
-def parse_config(cls: type, argv: Optional[list[str]] = None):
-    """The dataclass from the command line, through transformers' HfArgumentParser (typed `--field value`
-    options, booleans as `--flag` or `--flag false`); unknown options are an error, not ignored."""
+def parse_config(cls, argv: Optional[list[str]] = None):
+    """The dataclass (or a tuple of them) from the command line, through transformers' HfArgumentParser
+    (typed `--field value` options, booleans as `--flag` or `--flag false`); unknown options are an error."""
     from transformers import HfArgumentParser
 
     from .errors import ConfigError
 
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]  # the launcher's
-    cfg, unknown = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *parsed, unknown = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise ConfigError([f"unknown option(s) {' '.join(unknown)}; see --help for the options"])
-    return cfg
+    return parsed[0] if len(parsed) == 1 else tuple(parsed)
 
 
 __all__ = ["TrainConfig", "check_config", "parse_config"]

@@ -51,7 +51,7 @@ def load_ds_config(path: str, world_size: int, micro_batch: Optional[int] = None
     # frozen base weights only LoRA's inputs are needed, and torch's own linear keeps just those (~0.2 GiB
     # less kept per recomputed 14B layer at 4,096 tokens). A config that sets it keeps its choice.
     zero.setdefault("memory_efficient_linear", False)
-    if zero.get("offload_param") and zero.get("stage") != 3:
+    if zero.get("offload_param") and zero.get("stage") not in (None, "auto", 3):
         problems.append("offload_param needs ZeRO stage 3")
     if problems:
         raise TrainingError(f"DeepSpeed config {path}: " + "; ".join(problems))

@@ -21,13 +21,14 @@ from .loading import build_model
 from .lora import add_lora
 from .modeling import ChatTSConfig, check_checkpoint
 from .optim import make_optimizer, warmup_cosine
+from .plan import Plan, apply_env
 
 
 def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple[int, int, torch.device]:
-    """Process group, this rank's device, seeds; returns (rank, world, device). Shared by train() and memprobe."""
-    # Before the first CUDA allocation: without it ZeRO-3's changing gather sizes fragment the cache by GBs
-    # (measured: 14B at 4096 tokens OOMs under a 22 GiB cap without it, fits with it; benchmarks/RESULTS.md).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    """Process group, this rank's device, seeds; returns (rank, world, device). Shared by train() and memprobe.
+    The plan's allocator and NCCL settings go into the environment first (both are read later, at the first
+    allocation and the first collective)."""
+    apply_env(gpu_memory_cap_gib, int(os.environ.get("WORLD_SIZE", "1")))
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         # Started without a launcher (`python -m chatts_train`): one process, rather than DeepSpeed's MPI
         # discovery ("No module named mpi4py").
@@ -64,10 +65,10 @@ def build_engine(model, ds: dict, cfg: TrainConfig, total_steps: int):
             # a static loss scaler of 1.0 and no scaling happens. fp16 weights give fp32 masters + a dynamic scaler.
             p.data = p.data.to(dtype)
     zero = ds["zero_optimization"]
-    if zero.get("stage") == 3:
-        # ZeRO-3 allocates its gradient bucket whole at start-up (95 MiB in fp16 at 5e7 elements; DeepSpeed's
-        # default is 5e8) and fills it with trainable weights' gradients only: for LoRA it never needs more
-        # than all of them (8.65 M on 14B with r8 q/k/v).
+    if zero.get("stage") in (2, 3):
+        # ZeRO allocates its gradient bucket whole (95 MiB in fp16 at 5e7 elements; DeepSpeed's default is
+        # 5e8; stage 2 two of them with overlap_comm) and fills it with trainable weights' gradients only: for
+        # LoRA it never needs more than all of them (8.65 M on 14B with r8 q/k/v).
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         zero["reduce_bucket_size"] = min(int(zero.get("reduce_bucket_size", 5e8)), trainable)
     optimizer = make_optimizer(model, cfg, cpu_adam=bool(zero.get("offload_optimizer")))
@@ -75,37 +76,71 @@ def build_engine(model, ds: dict, cfg: TrainConfig, total_steps: int):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if zero.get("stage") == 2:
+        accumulate_zero2_gradients(engine.optimizer)
     check_loss_scaling(engine)
     return engine
 
 
-def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, shape: Optional[ChatTSConfig] = None):
+def accumulate_zero2_gradients(optimizer) -> None:
+    """DeepSpeed 0.17.6 to 0.18.2 keep only the last micro-step's gradients of a ZeRO-2 accumulation
+    (deepspeedai/DeepSpeed#7718, fixed in 0.18.3): the gradient epilogue takes a micro-step for the first one
+    when `averaged_gradients` is empty, which it is until the accumulation boundary, so every micro-step
+    overwrote the last. (Found here: ZeRO-2 made 1/accumulation of the reference plan's LoRA update.) The
+    epilogue is made to tell the first micro-step as 0.18.3 does, by the accumulated gradients themselves."""
+    from packaging.version import Version
+
+    if not Version("0.17.6") <= Version(deepspeed.__version__.split("+")[0]) < Version("0.18.3"):
+        return
+    epilogue = optimizer.independent_gradient_partition_epilogue
+    placeholder = object()
+
+    def epilogue_that_accumulates():
+        groups = range(len(optimizer.bit16_groups))
+        for i in groups:  # "accumulate" exactly where earlier micro-steps' gradients exist
+            accumulating = optimizer.all_grad_tensors.get(i) is not None
+            optimizer.averaged_gradients[i] = placeholder if accumulating else None
+        epilogue()
+        for i in groups:  # the boundary set the real averages; elsewhere leave it as it was
+            if optimizer.averaged_gradients.get(i) is placeholder:
+                optimizer.averaged_gradients[i] = None
+
+    optimizer.independent_gradient_partition_epilogue = epilogue_that_accumulates
+
+
+def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, shape: Optional[ChatTSConfig] = None):
     """The one way a training engine is made: `train()`, `benchmarks/memprobe.py` and custom loops all call
-    it, so what is measured is what runs. On CUDA the fused norm and gate kernels compiled first; model loaded
-    from `cfg.model_path` (or, with `shape`, built from config alone), LoRA with reentrant checkpointing,
-    trainable weights in the run's dtype, DeepSpeed engine with a checked loss scaler, and training mode:
-    `from_pretrained` returns eval mode, and in eval mode transformers silently skips gradient checkpointing
-    (measured on 14B: 40 GiB instead of 7 GiB per GPU).
+    it, so what is measured is what runs. `ds` already carries out `plan` (plan.apply_to_ds); the plan says
+    how many layers are recomputed, where their checkpoints wait and how ZeRO-3 gathers. On CUDA the fused
+    norm and gate kernels compiled first; model loaded from `cfg.model_path` (or, with `shape`, built from
+    config alone), LoRA with reentrant checkpointing, trainable weights in the run's dtype, DeepSpeed engine
+    with a checked loss scaler, and training mode: `from_pretrained` returns eval mode, and in eval mode
+    transformers silently skips gradient checkpointing (measured on 14B: 40 GiB instead of 7 GiB per GPU).
 
     Returns (engine, hf_ds); keep hf_ds alive as long as the engine."""
     blocking_gathers_on_cpu()
+    device = torch.device(get_accelerator().current_device_name())
     kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() else EAGER
     if cfg.lean_activations and kernels is not EAGER:
         config = shape if shape is not None else check_checkpoint(cfg.model_path)
         try:
             compile_ahead(kernels, config.hidden_size, config.intermediate_size, config.rms_norm_eps,
-                          cfg.cutoff_len, precision(ds), torch.device(get_accelerator().current_device_name()))
+                          cfg.cutoff_len, precision(ds), device)
         except Exception as e:  # Inductor / Triton on this machine (a compiler, a driver, an old GPU)
             first = (str(e).strip().splitlines() or [""])[0][:300]
             raise TrainingError(f"compiling the fused norm and gate kernels failed ({type(e).__name__}: {first}); "
                                 "run with --fused_kernels false: the same arithmetic, op by op") from e
         get_accelerator().empty_cache()  # nothing else is on the GPU yet: give the trial runs' memory back
-    model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, cfg.attn_implementation, config=shape)
-    model.checkpoints_on_cpu = cfg.checkpoints_on_cpu
+    model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, cfg.attn_implementation,
+                               config=shape, device=device)
     if cfg.lean_activations:
         keep_fewer_activations(model, kernels)
-    model = add_lora(model, cfg, cfg.gradient_checkpointing)
-    if cfg.gather_whole_layers:
+    # LoRA's initial weights from the seed alone, the same on every rank and under every plan (how the base
+    # was built draws from the generator differently per ZeRO stage)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        model = add_lora(model, cfg, plan.recompute_layers, plan.checkpoints_on_cpu)
+    if plan.zero_stage == 3 and plan.whole_layers:
         gather_whole_layers(model, ds["zero_optimization"])
     engine = build_engine(model, ds, cfg, total_steps)
     engine.train()
@@ -177,6 +212,7 @@ def describe_setup(engine) -> dict:
 def _reentrant(model) -> Optional[bool]:
     fn = next((m._gradient_checkpointing_func for m in decoder_layers(model)
                if hasattr(m, "_gradient_checkpointing_func")), None)
+    fn = getattr(fn, "keywords", {}).get("checkpoint", fn)  # unwrapped from lora._checkpoint_to_host
     return None if fn is None else bool(getattr(fn, "keywords", {}).get("use_reentrant"))
 
 

@@ -12,8 +12,8 @@ from transformers.modeling_utils import no_init_weights
 
 from .dsconfig import precision
 from .hostmem import partitions_pinned_in_chunks
-from .modeling import ChatTSConfig, ChatTSForCausalLM, check_checkpoint, load_model, pick_attention
-from .weights import load_into_partitions
+from .modeling import ChatTSConfig, ChatTSForCausalLM, check_checkpoint, pick_attention
+from .weights import load_into_partitions, load_whole
 
 
 class PartitionOnlyInit(deepspeed.zero.Init):
@@ -28,11 +28,15 @@ class PartitionOnlyInit(deepspeed.zero.Init):
 
 
 def build_model(model_path: Optional[str], ds: dict, attn_implementation: Optional[str] = None,
-                config: Optional[ChatTSConfig] = None) -> tuple[ChatTSForCausalLM, Optional[HfDeepSpeedConfig]]:
+                config: Optional[ChatTSConfig] = None,
+                device: Optional[torch.device] = None) -> tuple[ChatTSForCausalLM, Optional[HfDeepSpeedConfig]]:
     """The ChatTS model in the run's dtype. Under ZeRO-3 it is built inside `zero.Init` (each rank
     materialises only its partition) and each rank reads its partition straight from the checkpoint
-    (`weights.py`). With `config` (the path is then unused): the shape alone, filled with small random values
-    (memory and speed probes: values do not matter there, NaNs from uninitialised memory would).
+    (`weights.py`). Otherwise (ZeRO-2: the frozen base whole on every GPU) it is made uninitialised on
+    `device` and each tensor is copied there from the memory-mapped shards, one at a time: no fp32 copy, no
+    pass through host RAM beyond a tensor (from_pretrained took 130 s to a 14B step that way). With `config`
+    (the path is then unused): the shape alone, filled with small random values (memory and speed probes:
+    values do not matter there, NaNs from uninitialised memory would).
 
     Keep the returned `HfDeepSpeedConfig` alive as long as the model: transformers holds it by weakref."""
     dtype = precision(ds)
@@ -40,8 +44,6 @@ def build_model(model_path: Optional[str], ds: dict, attn_implementation: Option
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None
     attn = pick_attention(attn_implementation)
     shape_only = config is not None
-    if not shape_only and not zero3:
-        return load_model(model_path, dtype=dtype, attn_implementation=attn), hf_ds
     if not shape_only:
         config = check_checkpoint(model_path)
     config._attn_implementation = attn
@@ -52,11 +54,14 @@ def build_model(model_path: Optional[str], ds: dict, attn_implementation: Option
             with partitions_pinned_in_chunks(), default_dtype(dtype), PartitionOnlyInit(config_dict_or_path=ds):
                 model = ChatTSForCausalLM(config)
         else:
-            model = ChatTSForCausalLM(config).to(dtype)
+            with torch.device(device or "cpu"), default_dtype(dtype):
+                model = ChatTSForCausalLM(config)
     if shape_only:
         fill_random(model)
-    else:
+    elif zero3:
         load_into_partitions(model, model_path)
+    else:
+        load_whole(model, model_path)
     return model, hf_ds
 
 

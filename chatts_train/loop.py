@@ -168,9 +168,9 @@ class Failures:
             yield
         except torch.OutOfMemoryError as e:
             where = ", ".join(sample_names(self.run.index, ids))
-            raise RankError(f"CUDA out of memory at sequence length {seq_len} (sample {where}). Try: parameter "
-                            f"offload (--offload param), a smaller --cutoff_len, or measure first with "
-                            f"benchmarks/memprobe.py --seq-len {seq_len}.") from e
+            raise RankError(f"CUDA out of memory at sequence length {seq_len} (sample {where}) under the plan "
+                            f"'{self.run.plan.line()}': {self.run.after_oom}; or a smaller --cutoff_len. "
+                            f"memprobe measures a plan first: benchmarks/memprobe.py --seq-len {seq_len}.") from e
         except Exception as e:
             if "loss scale already at minimum" not in str(e):
                 raise

@@ -12,7 +12,6 @@ is known before the forward and labels line up; the k-th row goes to the k-th `<
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -99,7 +98,7 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         # True: transformers' own loss over full-vocabulary logits at every position, the usual recipe, kept
         # as the baseline of `benchmarks/memprobe.py --baseline hf` and as a reference in tests.
         self.full_vocabulary_loss = False
-        # True: the decoder layers' checkpointed inputs wait for the backward in pinned host memory
+        # True: the recomputed decoder layers' inputs wait for the backward in pinned host memory (lora.py)
         self.checkpoints_on_cpu = False
         self.post_init()
 
@@ -168,19 +167,15 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
             # No KV cache in training: it costs memory, and with one transformers cannot see that restarting
             # position_ids mean packed samples (it then would not keep attention inside each sample).
             use_cache = False
-        # With reentrant checkpointing the layers run without autograd in the forward: what autograd saves
-        # there is each layer's input, so saving to the host moves exactly the checkpoints.
-        to_host = self.checkpoints_on_cpu and self.training and torch.is_grad_enabled()
-        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if to_host else nullcontext():
-            out = self.model(
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                cache_position=cache_position,
-                **kwargs,
-            )
+        out = self.model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            **kwargs,
+        )
         hidden = out.last_hidden_state
         if labels is None:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -241,9 +236,16 @@ def read_chatts_config(path: str) -> dict:
     return raw
 
 
+def config_of(path: str) -> ChatTSConfig:
+    """The ChatTS config of a folder, from its config.json alone (no weights needed)."""
+    raw = read_chatts_config(path)
+    raw.pop("model_type", None)
+    return ChatTSConfig(**raw)
+
+
 def check_checkpoint(path: str) -> ChatTSConfig:
     """Fail early and clearly on a folder that is not a complete ChatTS checkpoint."""
-    raw = read_chatts_config(path)
+    config = config_of(path)
     shards = sorted(set(weight_map(path).values()))
     missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
     if missing:
@@ -251,8 +253,7 @@ def check_checkpoint(path: str) -> ChatTSConfig:
                               f"model.safetensors.index.json; the download is incomplete")
     for shard in shards:
         check_shard(path, shard)
-    raw.pop("model_type", None)
-    return ChatTSConfig(**raw)
+    return config
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float16, attn_implementation: Optional[str] = None,

@@ -24,6 +24,8 @@ from .evaluate import evaluate_samples, format_before_after, read_samples, score
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from .lean_activations import fusing_unavailable
 from .metrics import format_run_summary, gather_named, memory_snapshot, plot, summarise_run
+from .modeling import check_checkpoint
+from .plan import Plan, Shape, apply_to_ds, next_down, pins_of, plan_run
 from .processor import ChatTSProcessor
 from .ranks import ROLL_CALL, rank0_print, sign_in
 from .runrecord import RECORD, read_run_record, resume_changes, write_run_record
@@ -49,6 +51,8 @@ class Run:
     hf_ds: object  # keeps transformers' ZeRO-3 config alive as long as the engine
     start_step: int
     started: float
+    plan: Plan
+    after_oom: str  # what to run instead when this plan runs out of memory
 
     @property
     def ckpt_root(self) -> str:
@@ -74,25 +78,29 @@ def setup(cfg: TrainConfig) -> Run:
     report_data(index, len(train_ids), len(val_ids), sampler, cfg, total_steps)
 
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    record = None
     if cfg.resume:
         latest_resume(ckpt_root)  # a missing or broken checkpoint fails here, before the model loads
         if os.path.isfile(os.path.join(cfg.output_dir, RECORD)):
-            changes = resume_changes(read_run_record(cfg.output_dir), cfg, ds, world, index)
+            record = read_run_record(cfg.output_dir)
+            changes = resume_changes(record, cfg, ds, world, index)
             if changes:
                 raise CheckpointError(f"--resume would not continue the same run: {'; '.join(changes)}. Resume "
                                       f"with the run's settings, or start a new run in another --output_dir")
+    plan, after_oom = decide_plan(cfg, ds, world, device, sampler.longest(total_steps), record)
+    apply_to_ds(plan, ds)
     if rank == 0:
         if cfg.overwrite_output_dir and not cfg.resume:
             shutil.rmtree(ckpt_root, ignore_errors=True)  # or rotation would mix the old run's steps with ours
         os.makedirs(cfg.output_dir, exist_ok=True)
         shutil.rmtree(os.path.join(cfg.output_dir, ROLL_CALL), ignore_errors=True)  # an earlier run's
         if not cfg.resume:
-            write_run_record(cfg, ds, world, index, val_ids)
+            write_run_record(cfg, ds, world, index, val_ids, plan.as_dict())
     dist.barrier()
     sign_in(cfg.output_dir, rank)
 
     report_host_need(cfg.model_path, ds, world)
-    engine, hf_ds = prepare_engine(cfg, ds, total_steps)
+    engine, hf_ds = prepare_engine(cfg, ds, total_steps, plan)
     report_model(cfg, ds, engine, rank, device)
     start_step = 0
     if cfg.resume:
@@ -100,7 +108,31 @@ def setup(cfg: TrainConfig) -> Run:
         engine.train()
         rank0_print(f"[resume] continuing at optimizer step {start_step}")
     return Run(cfg, rank, world, device, ds, processor, index, val_ids, sampler, total_steps, engine, hf_ds,
-               start_step, started)
+               start_step, started, plan, after_oom)
+
+
+def decide_plan(cfg: TrainConfig, ds: dict, world: int, device: torch.device, positions: int,
+                record: Optional[dict] = None) -> tuple[Plan, str]:
+    """The run's plan, printed in one line before the model loads, and what to try if it runs out of memory.
+    A resumed run keeps the plan it started with (its checkpoint's layout depends on the ZeRO stage)."""
+    config = check_checkpoint(cfg.model_path)
+    plan, ranked, cards = plan_run(cfg, ds, config, positions, world, device)
+    if record and record.get("plan"):
+        recorded = Plan(**record["plan"])
+        clash = {k: v for k, v in pins_of(cfg, ds, config.num_hidden_layers).pinned().items()
+                 if getattr(recorded, k) != v}
+        if clash:
+            raise CheckpointError(f"--resume: the run started with the plan '{recorded.line()}'; its checkpoint "
+                                  f"needs it, so {', '.join(f'{k}={v}' for k, v in clash.items())} cannot change")
+        plan = recorded
+    chosen = next((c for c in ranked if c.plan == plan), None)
+    rank0_print(f"[plan] {plan.line()}" + (f" (predicted peak {chosen.peak_gib:.1f} GiB per GPU for the longest "
+                                            f"micro-step, {positions} positions)" if chosen else " (resumed)"))
+    down = next_down(plan, Shape.of(config, precision(ds).itemsize), cards, positions,
+                     pins_of(cfg, ds, config.num_hidden_layers))
+    after = (f"the next plan down is '{down.line()}' ({down.flags()})" if down else
+             "no smaller plan exists: use more GPUs or a shorter --cutoff_len")
+    return plan, after
 
 
 def index_on_rank0(cfg: TrainConfig, processor: ChatTSProcessor) -> DataIndex:

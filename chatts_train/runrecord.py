@@ -26,9 +26,10 @@ def data_files(index: DataIndex) -> dict[str, dict]:
     return {s.path: {"bytes": os.path.getsize(s.path), "mtime": os.path.getmtime(s.path)} for s in index.sources}
 
 
-def write_run_record(cfg: TrainConfig, ds: dict, world: int, index: DataIndex, val_ids: np.ndarray) -> str:
+def write_run_record(cfg: TrainConfig, ds: dict, world: int, index: DataIndex, val_ids: np.ndarray,
+                     plan: dict) -> str:
     path = os.path.join(cfg.output_dir, RECORD)
-    record = {"train": asdict(cfg), "deepspeed": ds, "world_size": world, "data_files": data_files(index),
+    record = {"train": asdict(cfg), "plan": plan, "deepspeed": ds, "world_size": world, "data_files": data_files(index),
               "samples": len(index), "held_out": sample_names(index, val_ids),
               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(path + ".tmp", "w") as f:

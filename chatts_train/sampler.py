@@ -6,6 +6,9 @@ packing, consecutive samples joined while their expanded lengths fit the cutoff 
 then gathers the weights once for several samples). Each optimizer step takes world x accumulation
 micro-batches; the last step of an epoch wraps around to the epoch's start so every step is full and all
 ranks run the same number of micro-steps (as torch's DistributedSampler pads).
+
+The first epoch's longest micro-batch trades places with its first one: the run's first micro-step is its
+most memory-hungry, so a plan that does not fit fails in the first minute, not hours in.
 """
 from __future__ import annotations
 
@@ -46,8 +49,21 @@ class Sampler:
                 plan = pack_plan(self.index.length, order, self.pack_to)
             else:
                 plan = [order[i:i + self.micro_batch] for i in range(0, len(order), self.micro_batch)]
+            if epoch == 0 and plan:
+                worst = max(range(len(plan)), key=lambda u: self.positions(plan[u]))
+                plan[0], plan[worst] = plan[worst], plan[0]
             self._plans = {epoch: plan}  # only the current epoch is kept
         return self._plans[epoch]
+
+    def positions(self, ids: np.ndarray) -> int:
+        """Positions of one micro-step: a pack is one row of its samples; a micro-batch is padded to its longest."""
+        lengths = self.index.length[ids]
+        return int(lengths.sum()) if self.pack_to else len(ids) * int(lengths.max())
+
+    def longest(self, total_steps: int) -> int:
+        """Positions of the longest micro-step of the run's `total_steps` optimizer steps."""
+        last_epoch = self.locate(max(total_steps - 1, 0))[0]
+        return max(self.positions(u) for e in range(last_epoch + 1) for u in self.epoch_plan(e))
 
     def steps_in_epoch(self, epoch: int) -> int:
         if epoch not in self._steps:

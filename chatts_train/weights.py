@@ -93,24 +93,46 @@ def partition_range(p: torch.nn.Parameter) -> tuple[int, int]:
     return start, min(start + size, p.ds_numel)
 
 
-def load_into_partitions(model: torch.nn.Module, path: str) -> None:
-    """Fill every ZeRO-3 partitioned parameter of `model` from the checkpoint folder `path`. All ranks call
-    it; each reads only its own part. Names must match the checkpoint's keys exactly."""
+def _checked_params(model: torch.nn.Module, path: str) -> tuple[dict, dict]:
     files = weight_map(path)
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in files]
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} weights the model needs, e.g. "
                               f"{', '.join(missing[:3])}; is it a ChatTS checkpoint of this release?")
+    return files, params
+
+
+def _check_shape(path: str, name: str, key: str, shape, expected) -> None:
+    if tuple(shape) != tuple(expected):
+        raise CheckpointError(f"{os.path.join(path, name)}: `{key}` has shape {tuple(shape)}, the model "
+                              f"expects {tuple(expected)} (config.json and weights disagree)")
+
+
+def load_whole(model: torch.nn.Module, path: str) -> None:
+    """Fill every parameter of an unpartitioned `model` from the checkpoint folder, where the parameter lives
+    (the GPU): tensor by tensor from the memory-mapped shards, converted to the parameter's dtype."""
+    files, params = _checked_params(model, path)
+    for name in sorted(set(files[n] for n in params)):
+        with _open(path, name) as f:
+            for key in (n for n in params if files[n] == name):
+                t = f.get_tensor(key)
+                _check_shape(path, name, key, t.shape, params[key].shape)
+                with torch.no_grad():
+                    params[key].copy_(t)
+
+
+def load_into_partitions(model: torch.nn.Module, path: str) -> None:
+    """Fill every ZeRO-3 partitioned parameter of `model` from the checkpoint folder `path`. All ranks call
+    it; each reads only its own part. Names must match the checkpoint's keys exactly."""
+    files, params = _checked_params(model, path)
     for name in sorted(set(files[n] for n in params)):
         with _open(path, name) as f:
             for key in (n for n in params if files[n] == name):
                 p = params[key]
                 part = p.ds_tensor
                 shape = list(f.get_slice(key).get_shape())
-                if tuple(shape) != tuple(p.ds_shape):
-                    raise CheckpointError(f"{os.path.join(path, name)}: `{key}` has shape {tuple(shape)}, the model "
-                                          f"expects {tuple(p.ds_shape)} (config.json and weights disagree)")
+                _check_shape(path, name, key, shape, p.ds_shape)
                 size = part.ds_numel
                 start, stop = partition_range(p)
                 with torch.no_grad():

@@ -48,7 +48,7 @@ def synthetic(tmp_path_factory):
     return write_datasets(str(tmp_path_factory.mktemp("data")), {"gdsh": 6, "hbsn": 5, "whlj": 4, "zhlh": 5})
 
 
-SCENARIOS = ("interrupted_and_resumed,memory_options,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed,robustness,"
+SCENARIOS = ("interrupted_and_resumed,plans,adapter_reproduces_engine,learns_from_series,fp16_loss_scaling,packed,robustness,"
              "training_mode_and_setup,loader_matches_transformers,loss_weighting")
 
 

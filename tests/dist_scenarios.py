@@ -70,7 +70,8 @@ def run(name, fn):
 
 
 def base_cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"model_path": CKPT, "fp16": False, "offload": "none", "save_steps": 2,
+    """The scenarios' run: the reference plan (ZeRO-3, per-Linear, all recomputed) unless a scenario says other."""
+    return TrainConfig(**{"model_path": CKPT, "fp16": False, "offload": "none", "save_steps": 2, "plan": "reference",
                           "plot": False, "tensorboard": False, "warmup_ratio": 0.0, **kw})
 
 
@@ -112,20 +113,52 @@ def interrupted_and_resumed():
             "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}
 
 
-def memory_options():
-    """--checkpoints_on_cpu and --gather_whole_layers change where tensors wait and how weights are gathered,
-    not what is computed: the same losses as the plain run of interrupted_and_resumed (same data, seed, lr)."""
+PLANS = {  # every kind of plan the chooser can pick, pinned; "auto" is what it picks here (ZeRO stage unset)
+    "auto": {},
+    "zero2_selective": {"zero_stage": 2, "recompute_layers": 1},
+    "zero3_layers_none": {"zero_stage": 3, "gather_whole_layers": True, "recompute_layers": 0},
+    "zero3_layers_host": {"zero_stage": 3, "gather_whole_layers": True, "recompute_layers": 1, "checkpoints_on_cpu": True},
+    "zero3_linear_host": {"zero_stage": 3, "gather_whole_layers": False, "recompute_layers": 1, "checkpoints_on_cpu": True},
+    "zero3_offload_layers": {"zero_stage": 3, "gather_whole_layers": True, "recompute_layers": 0, "offload": "param"},
+}
+
+
+def plans():
+    """Every plan computes the same steps as the reference plan (ZeRO-3, per-Linear gathers, every layer
+    recomputed): the same losses and the same LoRA weights after two optimizer steps, to fp32 tolerance."""
+    from safetensors.torch import load_file
+
     ds = ds_config(os.path.join(OUT, "ds_fp32.json"))
-    out_dir = os.path.join(OUT, "options")
-    seen = {}
+    unpinned = os.path.join(OUT, "ds_unpinned.json")
+    if dist.get_rank() == 0:
+        with open(ds) as f:
+            cfg = json.load(f)
+        del cfg["zero_optimization"]["stage"]
+        with open(unpinned, "w") as f:
+            json.dump(cfg, f)
+    dist.barrier()
+    out = {}
+    for name, pins in {"reference": {"plan": "reference"}, **PLANS}.items():
+        out_dir = os.path.join(OUT, "plan_" + name)
+        seen = {}
 
-    def watch(n, real, engine, batch, scale):
-        seen["setup"] = describe_setup(engine)
-        return real(engine, batch, scale)
+        def watch(n, real, engine, batch, scale):
+            seen.setdefault("setup", describe_setup(engine))
+            return real(engine, batch, scale)
 
-    train(base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=ds, output_dir=out_dir, max_steps=2,
-                   learning_rate=2e-3, checkpoints_on_cpu=True, gather_whole_layers=True), step_with(watch))
-    return {"rows": rows(out_dir), "setup": seen["setup"]}
+        train(base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=unpinned, output_dir=out_dir, max_steps=2,
+                       learning_rate=2e-3, save_steps=0, **{"plan": "auto", **pins}), step_with(watch))
+        with open(os.path.join(out_dir, "run.json")) as f:
+            plan = json.load(f)["plan"]
+        adapter = load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+        out[name] = {"losses": [r["loss"] for r in rows(out_dir)], "plan": plan, "setup": seen["setup"],
+                     "adapter": {k: v.double() for k, v in adapter.items()}}
+    ref = out["reference"]["adapter"]
+    for name, r in out.items():
+        mine = r.pop("adapter")
+        r["adapter_max_abs_diff"] = max(float((mine[k] - ref[k]).abs().max()) for k in ref)
+    out["adapter_max_abs"] = max(float(v.abs().max()) for v in ref.values())
+    return out
 
 
 def training_mode_and_setup():
@@ -225,7 +258,7 @@ def loss_weighting():
     out = {"optimizer_steps": engine.global_steps, "answer_tokens": total}
     del engine, hf_ds  # ZeRO-3 off again: rank 0 alone loads the reference model
     if dist.get_rank() == 0:
-        ref = add_lora(load_model(CKPT, dtype=torch.float32), cfg, gradient_checkpointing=False)
+        ref = add_lora(load_model(CKPT, dtype=torch.float32), cfg, recompute_layers=0)
         ref.load_state_dict(before, strict=False)
         losses = [ref(**collate([s], pad)) for s in samples]
         token_mean = sum(o.loss_sum for o in losses) / sum(o.num_tokens for o in losses)

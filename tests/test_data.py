@@ -138,7 +138,12 @@ def test_schedule_and_packing_plan(synthetic, processors):
     steps0 = s.steps_in_epoch(0)
     assert s.locate(steps0) == (1, 0) and s.total_steps(2.0) == steps0 + s.steps_in_epoch(1)
     first = [s.micro_batches(0, r) for r in (0, 1)]
+    # the run starts with its longest micro-step (a plan that does not fit fails at once); it trades places
+    worst = max(range(len(packs)), key=lambda u: int(index.length[packs[u]].sum()))
+    packs[0], packs[worst] = packs[worst], packs[0]
+    assert first[0][0].tolist() == packs[0].tolist() and worst > 3
     assert sorted(p.tolist() for p in first[0] + first[1]) == sorted(p.tolist() for p in packs[:4])
+    assert s.longest(s.total_steps(2.0)) >= int(index.length[packs[0]].sum())
     again = Sampler(index, tr, seed=0, micro_batch=1, world=2, grad_accum=2, pack_to=4096)
     assert [p.tolist() for p in again.micro_batches(steps0 - 1, 1)] == [p.tolist() for p in s.micro_batches(steps0 - 1, 1)]
     plain = Sampler(index, tr, seed=0, micro_batch=2, world=2, grad_accum=2)

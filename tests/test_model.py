@@ -171,7 +171,7 @@ def test_lora_targets_and_encoder_options(tiny):
     from chatts_train.lora import add_lora
 
     def lora_modules(**kw):
-        model = add_lora(load_model(tiny["0801"], dtype=torch.float32), TrainConfig(**kw), gradient_checkpointing=False)
+        model = add_lora(load_model(tiny["0801"], dtype=torch.float32), TrainConfig(**kw), recompute_layers=0)
         names = {n.split(".lora_A")[0].removeprefix("base_model.model.") for n, _ in model.named_parameters() if ".lora_A" in n}
         return model, names
 
@@ -317,6 +317,7 @@ def test_fused_kernels_that_fail_to_compile_stop_set_up_with_the_way_out(tiny, m
     from chatts_train.config import TrainConfig
     from chatts_train.errors import TrainingError
     from chatts_train.lean_activations import Kernels
+    from chatts_train.plan import reference_plan
 
     def no_compiler(*args):
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
@@ -325,7 +326,7 @@ def test_fused_kernels_that_fail_to_compile_stop_set_up_with_the_way_out(tiny, m
     monkeypatch.setattr(engine, "fused_kernels", lambda: Kernels(*(4 * [None])))
     monkeypatch.setattr(engine, "compile_ahead", no_compiler)
     with pytest.raises(TrainingError, match="C compiler.*--fused_kernels false") as e:
-        engine.prepare_engine(TrainConfig(model_path=tiny["0801"]), {}, 10)  # before the model or the engine
+        engine.prepare_engine(TrainConfig(model_path=tiny["0801"]), {}, 10, reference_plan(2))  # before the model loads
     assert "more" not in str(e.value)  # the first line of the cause, not its whole text
 
 
@@ -343,3 +344,39 @@ def test_whole_layer_gathers_keep_a_layer_from_recompute_to_backward(tiny):
     zero = {"stage3_max_reuse_distance": 5e9}
     gather_whole_layers(model, zero)  # larger settings and DeepSpeed's defaults stand
     assert zero == {"stage3_max_reuse_distance": 5e9, "stage3_max_live_parameters": 1e9}
+
+
+def test_selective_recompute_gives_the_gradients_of_full_recompute(tiny, processors):
+    """Any number of recomputed layers (the first k; the rest keep their activations), with the recomputed
+    layers' inputs on the host or not, computes the gradients of no recompute; only what waits for backward
+    differs."""
+    import numpy as np
+
+    from chatts_train.batching import collate
+    from chatts_train.config import TrainConfig
+    from chatts_train.lora import add_lora
+
+    processor = processors["0801"]
+    rng = np.random.default_rng(0)
+    batch = collate([processor.encode_chat("<ts><ts/> What is it?", [rng.normal(size=80)], "a spike")],
+                    processor.tokenizer.pad_token_id)
+
+    def grads(k, host=False):
+        torch.manual_seed(0)
+        model = add_lora(load_model(tiny["0801"], dtype=torch.float32), TrainConfig(), recompute_layers=k,
+                         checkpoints_on_cpu=host)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without gradients
+        model.train()
+        layers = model.base_model.model.model.layers
+        assert [bool(m.gradient_checkpointing) for m in layers] == [i < k for i in range(len(layers))]
+        assert model.base_model.model.checkpoints_on_cpu == bool(k and host)
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    none = grads(0)
+    assert all(g.abs().sum() > 0 for g in none.values())
+    for k, host in ((1, False), (2, False), (1, True), (2, True)):
+        got = grads(k, host)
+        assert all(torch.allclose(got[n], none[n], rtol=1e-5, atol=1e-7) for n in none), (k, host)

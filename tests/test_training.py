@@ -39,12 +39,26 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(results):
     assert "gradient_accumulation_steps 8 -> 4" in r["resume_changed"] and "--seed 42 -> 7" in r["resume_changed"]
 
 
-def test_memory_options_compute_the_same_steps(results):
-    plain = scenario(results, "interrupted_and_resumed")["full"]
-    r = scenario(results, "memory_options")
-    assert r["setup"]["checkpoints_on_cpu"] and r["setup"]["whole_layer_gathers"]
-    # steps 1-2 see the same learning rate in a 2-step and a 5-step run (no warm-up, cosine from the top)
-    assert [x["loss"] for x in r["rows"]] == pytest.approx([x["loss"] for x in plain[:2]], rel=1e-5)
+def test_every_plan_computes_the_reference_steps(results):
+    r = scenario(results, "plans")
+    ref = r["reference"]
+    assert ref["plan"]["zero_stage"] == 3 and not ref["plan"]["whole_layers"] and ref["setup"]["checkpointed_layers"] == 2
+    # with the ZeRO stage left to it and memory to spare, the chooser takes the fastest: ZeRO-2, nothing recomputed
+    assert r["auto"]["plan"]["zero_stage"] == 2 and r["auto"]["plan"]["recompute_layers"] == 0
+    assert r["auto"]["setup"]["zero_stage"] == 2 and r["auto"]["setup"]["checkpointed_layers"] == 0
+    for name in PLAN_NAMES:
+        got = r[name]
+        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
+        assert got["adapter_max_abs_diff"] <= 1e-5 * r["adapter_max_abs"], name
+    # each pinned plan ran as pinned
+    assert r["zero2_selective"]["setup"]["zero_stage"] == 2 and r["zero2_selective"]["setup"]["checkpointed_layers"] == 1
+    assert r["zero3_layers_host"]["setup"]["whole_layer_gathers"] and r["zero3_layers_host"]["setup"]["checkpoints_on_cpu"]
+    assert not r["zero3_linear_host"]["setup"]["whole_layer_gathers"] and r["zero3_linear_host"]["setup"]["checkpoints_on_cpu"]
+    assert r["zero3_offload_layers"]["setup"]["offload_param"] and r["zero3_layers_none"]["setup"]["checkpointed_layers"] == 0
+
+
+PLAN_NAMES = ("auto", "zero2_selective", "zero3_layers_none", "zero3_layers_host", "zero3_linear_host",
+              "zero3_offload_layers")
 
 
 def test_saved_adapter_reproduces_the_trained_model(results):
