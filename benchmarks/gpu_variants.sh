@@ -13,7 +13,7 @@ OUT=${OUT:-runs/gpu}; W=${WORK:-/tmp/chatts-real}; mkdir -p "$OUT/logs" "$W"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 MODEL=$W/ChatTS-14B; DATA=$W/data
 PROBE="python3 benchmarks/memprobe.py --num-gpus 1 --seq-len 4096 --also-seq-len 1600 --json"
-LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps 3 --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
+LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 declare -A V=(
   [data]="python3 benchmarks/write_random_checkpoint.py --out $MODEL ${TOKENIZER:+--tokenizer $TOKENIZER} && python3 -m chatts_train.cli make-data --out $DATA --scale 0.25"
   # the memory model's calibration: each plan kind at 1,600 and 4,096 positions (14B from config, 1 GPU)

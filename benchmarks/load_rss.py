@@ -35,6 +35,7 @@ def main() -> None:
 
     rank, world, device = init_process(0)
     ds = load_ds_config(a.ds_config, world, fp16=device.type == "cuda", offload=a.offload)
+    ds["zero_optimization"]["stage"] = 3  # the two ZeRO-3 loaders compared
     before, t0 = rss_gib(), time.time()
     if a.loader == "ours":
         model, hf_ds = build_model(a.model, ds)

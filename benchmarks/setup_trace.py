@@ -54,6 +54,7 @@ def main() -> None:
     from chatts_train.config import TrainConfig
     from chatts_train.dsconfig import load_ds_config
     from chatts_train.engine import init_process, prepare_engine
+    from chatts_train.plan import apply_to_ds, reference_plan
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/setup_trace")
@@ -63,7 +64,8 @@ def main() -> None:
     ds = load_ds_config(os.path.join(os.path.dirname(__file__), "..", "ds_config.json"), world, 1, 8, fp16=True,
                         offload="none")
     shape = shape_config(argparse.Namespace(config=None, release="0801"))
-    engine, hf_ds = prepare_engine(TrainConfig(model_path=""), ds, 1000, shape=shape)
+    plan = reference_plan(shape.num_hidden_layers)  # ZeRO-3's set-up is what this traces
+    engine, hf_ds = prepare_engine(TrainConfig(model_path=""), apply_to_ds(plan, ds), 1000, plan, shape=shape)
     snap = torch.cuda.memory._snapshot(device)
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = snap["device_traces"][device.index]

@@ -21,6 +21,7 @@ _WHERE = {
     "lora": ["add_lora"],
     "loop": ["micro_step", "step_token_scale", "train"],
     "modeling": ["ChatTSConfig", "ChatTSForCausalLM", "load_model"],
+    "plan": ["Cards", "Pins", "Plan", "Shape", "apply_to_ds", "choose", "plan_run", "predict_peak_gib", "reference_plan"],
     "processor": ["ChatTSProcessor"],
     "run": ["Run", "index_on_rank0", "setup"],
     "sampler": ["Sampler", "pack_plan"],

@@ -13,7 +13,7 @@ from transformers.modeling_utils import no_init_weights
 from .dsconfig import precision
 from .hostmem import partitions_pinned_in_chunks
 from .modeling import ChatTSConfig, ChatTSForCausalLM, check_checkpoint, pick_attention
-from .weights import load_into_partitions, load_whole
+from .weights import load_into_partitions, load_whole, partitions_of
 
 
 class PartitionOnlyInit(deepspeed.zero.Init):
@@ -82,8 +82,8 @@ def fill_random(model: torch.nn.Module) -> None:
     """Small random values, cheaply: each rank fills only its own ZeRO-3 partition, where it lives."""
     with torch.no_grad():
         for n, p in model.named_parameters():
-            t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-            if n.endswith("norm.weight"):
-                t.fill_(1.0)
-            else:
-                t.uniform_(-0.02, 0.02)
+            for t in [part for part, _, _ in partitions_of(p)] if hasattr(p, "ds_tensor") else [p.data]:
+                if n.endswith("norm.weight"):
+                    t.fill_(1.0)
+                else:
+                    t.uniform_(-0.02, 0.02)

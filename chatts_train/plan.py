@@ -39,7 +39,6 @@ class Shape:
     kv_dim: int
     base_numel: int  # all frozen weights
     layer_numel: int  # one decoder layer's
-    vocab_numel: int  # one vocabulary matrix's
     bytes_per_value: int  # the run's dtype (2 in fp16 / bf16, 4 on the CPU in fp32)
 
     @classmethod
@@ -54,7 +53,7 @@ class Shape:
         if ts.use_position_embedding:
             encoder += (ts.max_length + 1) * ts.embedding_dim
         base = (1 if config.tie_word_embeddings else 2) * config.vocab_size * h + n * layer + h + encoder
-        return cls(n, h, inter, kv, base, layer, config.vocab_size * h, bytes_per_value)
+        return cls(n, h, inter, kv, base, layer, bytes_per_value)
 
     def kept_bytes_per_position(self) -> int:
         """What one decoder layer keeps for backward per position when it is not recomputed (lean activations,
@@ -198,17 +197,26 @@ PER_POSITION_BYTES = 40_000
 PER_LINEAR_LIVE = 3e8
 
 
+# ZeRO-3 with parameter offload holds ~1 GiB more on the GPU whatever the world size (0.89-1.05 GiB over the
+# rest of this model in three runs: 1 and 2 GPUs, 2,158 and 4,096 positions; RESULTS.md "Plans")
+OFFLOAD_FIXED_GIB = 1.0
+
+
 def weights_gib(plan: Plan, shape: Shape, world: int) -> float:
-    """Frozen weights resident on one GPU, gathered ones included."""
+    """Frozen weights on one GPU at the backward's start: resident ones, the gathered ones in flight, and under
+    ZeRO-3 the gathered weights of every layer that keeps its activations: torch's linear saves a view of the
+    weight for the input's gradient, and that view keeps the gathered copy alive until the layer's backward
+    (measured: ZeRO-3 with offload and no layer recomputed ran out of memory under a 24 GiB cap at 2,158
+    positions, predicted 13.7 GiB without this term)."""
     b = shape.bytes_per_value
     if plan.zero_stage == 2:
         return shape.base_numel * b / GiB
     live = 2 * shape.layer_numel if plan.whole_layers else min(PER_LINEAR_LIVE, 2 * shape.layer_numel)
-    # offloaded, the loss reads this rank's slice of lm_head through a copy on the GPU (vocab_parallel.py)
-    resident = shape.vocab_numel / world if plan.offload_param else shape.base_numel / world
+    kept = (shape.layers - plan.recompute_layers) * shape.layer_numel
+    resident = 0.0 if plan.offload_param else shape.base_numel / world
     if plan.hpz_partition > 1 and not plan.offload_param:
         resident += shape.base_numel / plan.hpz_partition  # the secondary copy inside the node
-    return (resident + live) * b / GiB
+    return (resident + live + kept) * b / GiB + (OFFLOAD_FIXED_GIB if plan.offload_param else 0.0)
 
 
 def activations_gib(plan: Plan, shape: Shape, positions: int) -> float:
@@ -253,9 +261,10 @@ HOST_CHECKPOINTS_FACTOR = 1.10  # the recomputed layers' inputs to host memory a
 def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> float:
     """Predicted seconds per micro-step on the reference card (ranking only: it is the ratios that count),
     interpolated in length and in the share of layers recomputed. Parameter offload adds its copies at this
-    machine's host-to-GPU rate: each pass over the layers (forward, backward, and the recompute of the
-    recomputed ones) brings this rank's share of the base across, unhidden (on PCIe 3.0 that is ~2.3 s a
-    micro-step for 14B on 2 GPUs, the measured cause of offload's cost)."""
+    machine's host-to-GPU rate, as if unhidden: each pass over the layers (forward, backward) brings this
+    rank's share of the base across (on PCIe 3.0 ~2.3 s a micro-step for 14B on 2 GPUs). On H200 much of it
+    hides behind compute (measured 1.41 s a micro-step against 2.3 predicted): an upper bound that ranks
+    offload last, as it should be."""
     family = "zero2" if plan.zero_stage == 2 else ("layers" if plan.whole_layers else "linear")
     lo, hi = sorted(STEP_S)
     x = min(max((positions - lo) / (hi - lo), 0.0), 1.0)
@@ -263,8 +272,9 @@ def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> floa
     at = {n: t[0] + share * (t[1] - t[0]) for n, t in ((n, STEP_S[n][family]) for n in (lo, hi))}
     s = at[lo] + x * (at[hi] - at[lo])
     s *= positions / (lo + x * (hi - lo))  # beyond the table's lengths, time follows length
-    if plan.offload_param:
-        s += (2 + share) * shape.base_numel * shape.bytes_per_value / cards.world / (cards.host_gbps * 1e9)
+    if plan.offload_param:  # per-Linear gathers fetch a recomputed layer again for its backward
+        passes = 2 + (0 if plan.whole_layers else share)
+        s += passes * shape.base_numel * shape.bytes_per_value / cards.world / (cards.host_gbps * 1e9)
     if plan.checkpoints_on_cpu and plan.recompute_layers:
         s *= HOST_CHECKPOINTS_FACTOR
     return s
@@ -312,8 +322,12 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
                     clash = [k for k, v in pinned.items() if k in fields and fields[k] != v]
                     if clash or (stage == 3 and not offload and cards.world == 1 and "zero_stage" not in pinned):
                         continue  # ZeRO-3 on one GPU holds the whole base too, with gathers: stage 2 does it faster
-                    # host checkpoints exist only where layers are recomputed
-                    ks = [pinned["recompute_layers"]] if "recompute_layers" in pinned else range(int(host), n + 1)
+                    # host checkpoints exist only where layers are recomputed; with the base in host RAM every layer
+                    # is recomputed: whole-layer gathers fetch a layer once for its recompute and backward, so
+                    # recompute costs no transfer, and a kept layer holds its weights (measured under a 24 GiB
+                    # cap: all 48 recomputed 1,145 tokens/s, 24 of them 961)
+                    ks = ([pinned["recompute_layers"]] if "recompute_layers" in pinned else
+                          [n] if offload else range(int(host), n + 1))
                     if host and not all(ks) and "checkpoints_on_cpu" not in pinned:
                         continue
                     best = None

@@ -86,11 +86,25 @@ def _flat_range(tensor_slice, shape: list[int], start: int, stop: int) -> torch.
     return rows[start - r0 * row: stop - r0 * row]
 
 
-def partition_range(p: torch.nn.Parameter) -> tuple[int, int]:
-    """Flat [start, stop) of the unpadded tensor that this rank's ZeRO-3 partition of `p` holds (layout above)."""
-    size = p.ds_tensor.ds_numel
-    start = min(size * dist.get_rank(group=p.ds_process_group), p.ds_numel)
+def partition_range(p: torch.nn.Parameter, secondary: bool = False) -> tuple[int, int]:
+    """Flat [start, stop) of the unpadded tensor that this rank's ZeRO-3 partition of `p` holds (layout above);
+    `secondary`: of its hpZ copy, partitioned the same way over the ranks of its node."""
+    if secondary:
+        size, group = p.ds_secondary_tensor.ds_numel, p.ds_zero_param_process_group
+    else:
+        size, group = p.ds_tensor.ds_numel, p.ds_process_group
+    start = min(size * dist.get_rank(group=group), p.ds_numel)
     return start, min(start + size, p.ds_numel)
+
+
+def partitions_of(p: torch.nn.Parameter) -> list[tuple[torch.Tensor, int, int]]:
+    """(tensor, start, stop) of each ZeRO-3 partition this rank holds of `p`: its own, and with hpZ (several
+    nodes) the copy inside its node, which zero.Init fills from the whole tensor at partitioning time, before
+    any value is loaded here (left unfilled, hpZ trained on NaNs)."""
+    out = [(p.ds_tensor, *partition_range(p))]
+    if getattr(p, "ds_secondary_tensor", None) is not None:
+        out.append((p.ds_secondary_tensor, *partition_range(p, secondary=True)))
+    return out
 
 
 def _checked_params(model: torch.nn.Module, path: str) -> tuple[dict, dict]:
@@ -130,13 +144,12 @@ def load_into_partitions(model: torch.nn.Module, path: str) -> None:
         with _open(path, name) as f:
             for key in (n for n in params if files[n] == name):
                 p = params[key]
-                part = p.ds_tensor
                 shape = list(f.get_slice(key).get_shape())
                 _check_shape(path, name, key, shape, p.ds_shape)
-                size = part.ds_numel
-                start, stop = partition_range(p)
-                with torch.no_grad():
-                    if start < stop:
-                        part.narrow(0, 0, stop - start).copy_(_flat_range(f.get_slice(key), shape, start, stop))
-                    if stop - start < size:  # the padding of the last rank
-                        part.narrow(0, stop - start, size - (stop - start)).zero_()
+                for part, start, stop in partitions_of(p):
+                    size = part.ds_numel
+                    with torch.no_grad():
+                        if start < stop:
+                            part.narrow(0, 0, stop - start).copy_(_flat_range(f.get_slice(key), shape, start, stop))
+                        if stop - start < size:  # the padding of the last rank
+                            part.narrow(0, stop - start, size - (stop - start)).zero_()

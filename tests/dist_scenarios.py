@@ -23,6 +23,7 @@ from chatts_train.batching import collate
 from chatts_train.data import index_data, resolve_sources
 from chatts_train.errors import CheckpointError, TrainingError
 from chatts_train.modeling import load_model
+from chatts_train.plan import Plan, apply_to_ds
 from chatts_train.processor import ChatTSProcessor
 
 OUT, CKPT = sys.argv[1], sys.argv[2]
@@ -158,6 +159,27 @@ def plans():
         mine = r.pop("adapter")
         r["adapter_max_abs_diff"] = max(float((mine[k] - ref[k]).abs().max()) for k in ref)
     out["adapter_max_abs"] = max(float(v.abs().max()) for v in ref.values())
+    return out
+
+
+def hpz_two_nodes():
+    """2 nodes x 2 ranks (on localhost): where the base fits inside a node, the plan keeps ZeRO-3's gathers
+    inside it (hpZ); the steps are those of the same run without hpZ (the base offloaded instead)."""
+    ds = ds_config(os.path.join(OUT, "ds_fp32.json"))
+    out = {}
+    for name, pins in {"hpz": {}, "offload": {"offload": "param"}}.items():
+        out_dir = os.path.join(OUT, "nodes_" + name)
+        seen = {}
+
+        def watch(n, real, engine, batch, scale):
+            seen.setdefault("hpz", engine.zero_hpz_partition_size())
+            return real(engine, batch, scale)
+
+        train(base_cfg(data=os.path.join(OUT, "task.jsonl"), ds_config=ds, output_dir=out_dir, max_steps=2,
+                       learning_rate=2e-3, save_steps=0, plan="auto", **pins), step_with(watch))
+        with open(os.path.join(out_dir, "run.json")) as f:
+            plan = json.load(f)["plan"]
+        out[name] = {"losses": [r["loss"] for r in rows(out_dir)], "plan": plan, "engine_hpz": seen["hpz"]}
     return out
 
 
@@ -329,7 +351,9 @@ def adapter_reproduces_engine():
     train(cfg)
     ds = load_ds_config(cfg.ds_config, dist.get_world_size(), fp16=False, offload="none")
     processor = ChatTSProcessor.from_pretrained(CKPT)
-    engine, hf_ds = prepare_engine(cfg, ds, total_steps=5)
+    with open(os.path.join(full_dir, "run.json")) as f:
+        plan = Plan(**json.load(f)["plan"])  # the plan the run trained with
+    engine, hf_ds = prepare_engine(cfg, apply_to_ds(plan, ds), 5, plan)
     step, _ = load_resume(engine, os.path.join(full_dir, "checkpoints"))
     rng = np.random.default_rng(7)
     samples = [processor.encode_chat("<ts><ts/> Which anomaly is this?", [rng.normal(size=200)], "spike"),

@@ -60,9 +60,9 @@ def test_probe_sets_up_exactly_what_train_runs(tiny, results):
 
     trained = scenario(results, "training_mode_and_setup")["setup"]
     loaded = probe("--model", tiny["0801"], "--no-offload", "--seq-len", "300", "--grad-accum", "1", "--steps", "1",
-                   port="29623")
+                   "--plan", "reference", port="29623")
     shape_only = probe("--config", os.path.join(tiny["0801"], "config.json"), "--offload", "param", "--seq-len", "300",
-                       "--grad-accum", "1", "--steps", "1", port="29624")
+                       "--grad-accum", "1", "--steps", "1", "--plan", "reference", port="29624")
     assert loaded["setup"] == trained
     assert shape_only["setup"] == {**trained, "offload_param": True}
     assert shape_only["host_need"]["pinned_partition_gib"] >= 0 and shape_only["ok"]

@@ -111,7 +111,8 @@ def test_batches_without_series_and_oom_reports(results):
     r = scenario(results, "robustness")
     assert [x["step"] for x in r["mixed_rows"]] == [1, 2] and all(math.isfinite(x["loss"]) for x in r["mixed_rows"])
     assert "CUDA out of memory at sequence length" in r["oom"] and "mixed.jsonl:" in r["oom"]
-    assert "--offload param" in r["oom"] and "memprobe.py" in r["oom"]
+    assert "under the plan 'ZeRO-3, per-Linear gathers; recompute 2 layers'" in r["oom"] and "memprobe.py" in r["oom"]
+    assert "no smaller plan exists" in r["oom"]  # the reference plan with offload pinned off is the smallest
 
 
 def test_every_decoder_layer_trains_with_checkpointing_in_train(results):
@@ -145,3 +146,32 @@ def test_loss_is_the_token_mean_over_ranks_and_micro_steps(results):
     # the same update as one process over the 8 samples; a wrong token scale (a constant factor, or a mean of
     # per-sample means with answers of 4 to 28 tokens) would be off by far more than this
     assert r["max_update"] > 1e-3 and r["max_abs_err"] < 1e-3 * r["max_update"], r
+
+
+@pytest.mark.slow
+def test_two_nodes_keep_zero3_gathers_inside_each_node(tiny, tmp_path):
+    """2 nodes x 2 ranks on localhost (two torchrun launches): with ZeRO-3 pinned and the base fitting inside
+    a node, the plan turns hpZ on, and the steps equal those of the same run without it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import read_json
+    from chatts_train.standins.synthetic import write_series_task
+
+    write_series_task(str(tmp_path / "task.jsonl"), 48, length=120, seed=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = os.path.join(os.path.dirname(__file__), "dist_scenarios.py")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
+                               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29535", script,
+                               str(tmp_path), tiny["0801"], "hpz_two_nodes"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert (tmp_path / "results.json").exists(), logs[0][-3000:]
+    r = scenario(read_json(tmp_path / "results.json"), "hpz_two_nodes")
+    assert r["hpz"]["plan"]["hpz_partition"] == 2 and r["hpz"]["engine_hpz"] == 2
+    assert r["offload"]["engine_hpz"] == 1
+    assert r["hpz"]["losses"] == pytest.approx(r["offload"]["losses"], rel=1e-5)
+    assert all(x == x for x in r["hpz"]["losses"])  # no NaN: the node's copy of each weight was filled
+    shutil.rmtree(tmp_path, ignore_errors=True)

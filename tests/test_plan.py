@@ -1,0 +1,95 @@
+"""The plan: its memory model against what was measured on the GPU, and what the chooser picks for the cards
+(no process group, no model)."""
+import json
+import os
+
+import pytest
+
+from chatts_train.config import TrainConfig
+from chatts_train.modeling import ChatTSConfig
+from chatts_train.plan import (Cards, Pins, Plan, Shape, apply_to_ds, choose, env_settings, next_down, pins_of,
+                               predict_peak_gib)
+from chatts_train.published import chatts_config
+
+SHAPE = Shape.of(ChatTSConfig(**{k: v for k, v in chatts_config("0801").items() if k != "model_type"}), 2)
+
+
+def plan(stage, whole, k, host=False, offload=False):
+    return Plan(stage, whole, k, host, offload, 1, False, "expandable_segments:True", None)
+
+
+# Peak allocated GiB per GPU measured on H200 with ChatTS-14B-0801, fp16, LoRA r8 q/k/v (benchmarks/RESULTS.md,
+# "Plans": memprobe and the loop through launch.sh, 2026-12-01; the 2-GPU rows from section 8, 2026-11-30)
+MEASURED = [
+    (plan(2, False, 0), 1, 4096, 48.69), (plan(2, False, 0), 1, 1600, 36.19),
+    (plan(2, False, 24), 1, 4096, 39.56), (plan(2, False, 24), 1, 1600, 32.60),
+    (plan(2, False, 48), 1, 4096, 30.78), (plan(2, False, 48), 1, 1600, 29.15),
+    (plan(2, False, 0), 1, 2158, 38.97),  # the loop, launch.sh without flags
+    (plan(3, True, 48, offload=True), 1, 2158, 3.82),  # the loop, 24 GiB cap
+    (plan(3, True, 24, offload=True), 1, 2158, 20.04),  # the loop, 24 GiB cap
+    (plan(3, False, 48), 2, 4096, 17.20), (plan(3, False, 48, host=True), 2, 4096, 15.36),
+]
+
+
+@pytest.mark.parametrize("p,world,positions,measured", MEASURED)
+def test_memory_model_predicts_the_measured_peaks_within_5_percent(p, world, positions, measured):
+    assert predict_peak_gib(p, SHAPE, world, positions) == pytest.approx(measured, rel=0.05)
+
+
+def test_the_chooser_takes_the_fastest_plan_that_fits_the_cards():
+    big = choose(SHAPE, Cards(1, 1, 139.0), 2158, Pins())[0]
+    assert (big.zero_stage, big.recompute_layers) == (2, 0)  # the base whole on the GPU, nothing recomputed
+    cap48 = choose(SHAPE, Cards(1, 1, 48.0, cap_gib=48.0), 2158, Pins())[0]
+    assert (cap48.zero_stage, cap48.recompute_layers) == (2, 0) and "garbage_collection_threshold" in cap48.alloc_conf
+    at_4096 = choose(SHAPE, Cards(1, 1, 48.0, cap_gib=48.0), 4096, Pins())[0]
+    assert at_4096.zero_stage == 2 and 0 < at_4096.recompute_layers < 48  # selective recompute
+    cap24 = choose(SHAPE, Cards(1, 1, 24.0, cap_gib=24.0), 2158, Pins())[0]
+    assert cap24.offload_param and cap24.whole_layers and cap24.recompute_layers == 48  # the base cannot stay
+    users, ranked = choose(SHAPE, Cards(2, 1, 22.0), 2158, Pins())
+    assert users.zero_stage == 3 and users.whole_layers and not users.offload_param and users.recompute_layers >= 40
+    assert ranked[0].plan == users and ranked[0].why.startswith("chosen")
+    assert any("needs" in c.why for c in ranked if c.plan.zero_stage == 2)  # said why ZeRO-2 was not chosen
+
+
+def test_pins_from_flags_and_the_deepspeed_file_are_kept():
+    cards = Cards(1, 1, 139.0)
+    cfg = TrainConfig(gradient_checkpointing=True, gather_whole_layers=False)
+    pins = pins_of(cfg, {"zero_optimization": {"stage": 3}}, 48)
+    assert pins == Pins(zero_stage=3, whole_layers=False, recompute_layers=48)
+    p = choose(SHAPE, cards, 2158, pins)[0]
+    assert (p.zero_stage, p.whole_layers, p.recompute_layers, p.offload_param) == (3, False, 48, False)
+    assert pins_of(TrainConfig(offload="none"), {"zero_optimization": {"offload_param": {"device": "cpu"}}}, 48).offload_param is False
+    assert pins_of(TrainConfig(), {"zero_optimization": {"offload_param": {"device": "cpu"}}}, 48).offload_param is True
+    assert pins_of(TrainConfig(recompute_layers=5, gradient_checkpointing=False), {}, 48).recompute_layers == 5
+    ref = choose(SHAPE, cards, 2158, Pins(), mode="reference")[0]
+    assert (ref.zero_stage, ref.whole_layers, ref.recompute_layers) == (3, False, 48)
+
+
+def test_several_nodes_keep_zero3_gathers_inside_a_node():
+    p = choose(SHAPE, Cards(2, 2, 80.0), 4096, Pins(zero_stage=3))[0]
+    assert p.hpz_partition == 2  # the base (27.7 GiB) fits one node's 2 x 80 GiB
+    ds = apply_to_ds(p, {"zero_optimization": {"offload_param": {"device": "cpu"}}})
+    assert ds["zero_optimization"]["zero_hpz_partition_size"] == 2 and "offload_param" not in ds["zero_optimization"]
+    assert choose(SHAPE, Cards(2, 1, 80.0), 4096, Pins(zero_stage=3))[0].hpz_partition == 1  # one node: nothing to keep in
+
+
+def test_environment_settings_and_the_next_plan_down():
+    assert env_settings(None, 2) == ("expandable_segments:True", None)
+    assert env_settings(22.0, 2) == ("expandable_segments:True,garbage_collection_threshold:0.7", 4)
+    assert env_settings(22.0, 1)[1] is None and env_settings(48.0, 2)[1] is None
+    cards = Cards(2, 1, 22.0)
+    chosen = choose(SHAPE, cards, 4096, Pins())[0]
+    down = next_down(chosen, SHAPE, cards, 4096, Pins())
+    assert down is not None and predict_peak_gib(down, SHAPE, 2, 4096) <= 0.9 * predict_peak_gib(chosen, SHAPE, 2, 4096)
+    assert "--offload param" in down.flags() or down.recompute_layers == 48
+
+
+def test_plan_command_prints_every_candidate(tiny, synthetic, capsys):
+    from chatts_train.cli import main
+
+    main(["plan", "--model_path", tiny["0801"], "--data", "gdsh", "--dataset_dir", synthetic, "--ds_config",
+          os.path.join(os.path.dirname(__file__), "..", "ds_config.json"), "--gpus", "2", "--gpu_gib", "22"])
+    out = capsys.readouterr().out
+    assert "plans for 2 GPU" in out and "* ZeRO-2" in out and "chosen: the fastest that fits" in out
+    assert "pin a plan with its options, e.g. --zero_stage 2" in out
+    assert json.loads(json.dumps(Plan(2, False, 0, False, False, 1, False, "", None).as_dict()))["zero_stage"] == 2
