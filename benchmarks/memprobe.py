@@ -322,11 +322,11 @@ def run_probe(a: argparse.Namespace, recipe: str = "ours") -> dict:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:False"
     if a.offload:
         argv += ["--offload", a.offload]
-    procs = []
-    for r in range(a.num_gpus):
+    procs, logs = [], [open(os.path.join(out, f"rank{r}.log"), "w+") for r in range(a.num_gpus)]
+    for r in range(a.num_gpus):  # each worker's output to its log (shown after it ends): a crash reports its error
         procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(r), "--out", out,
                                        "--t0", str(t0)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                      stdout=sys.stderr))  # keep stdout for the report (--json)
+                                      stdout=logs[r], stderr=subprocess.STDOUT))
     oom_seen = None
     while any(p.poll() is None for p in procs):
         if oom_seen is None and any(p.returncode == 3 for p in procs):
@@ -336,10 +336,23 @@ def run_probe(a: argparse.Namespace, recipe: str = "ours") -> dict:
                 p.kill()
         time.sleep(0.5)
     ranks = []
-    for r in range(a.num_gpus):
+    for r, (proc, log) in enumerate(zip(procs, logs)):
+        log.seek(0)
+        text = log.read()
+        log.close()
+        sys.stderr.write(text)
         path = os.path.join(out, f"rank{r}.json")
-        ranks.append(json.load(open(path)) if os.path.exists(path) else {"rank": r, "ok": False, "error": "no result (killed after another rank's OOM, or crashed)"})
+        ranks.append(json.load(open(path)) if os.path.exists(path) else
+                     {"rank": r, "ok": False, "crashed": proc.returncode != -9, "exit_code": proc.returncode,
+                      "error": last_error(text) if proc.returncode != -9 else "ended after another rank's out of memory"})
     return summarise_probe(a, ranks, time.time() - t0, recipe)
+
+
+def last_error(text: str) -> str:
+    """The last line of a worker's output that names an error (a traceback's last line), or its last line."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    named = [x for x in lines if "Error" in x or "error" in x or "Exception" in x]
+    return (named or lines or ["no output"])[-1][:400]
 
 
 def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -> dict:
@@ -410,6 +423,11 @@ KNOBS = ("the layer checkpoints in host memory (--checkpoints-on-cpu here, --che
 def verdict(a, rep: dict) -> str:
     where = f" under the plan '{rep['plan_line']}'" if rep.get("plan_line") else ""
     if not rep["ok"]:
+        crashed = [r for r in rep["ranks"] if r.get("crashed")]
+        if crashed and not any(r.get("oom") for r in rep["ranks"]):
+            r = crashed[0]
+            return (f"the probe failed, so it says nothing of memory: rank {r['rank']} exited with code "
+                    f"{r.get('exit_code')}: {r.get('error')}")
         done = min(r.get("micro_steps", 0) for r in rep["ranks"])
         return (f"does NOT fit{where}: out of memory after {done} micro-steps. Keep parameter offload, or try "
                 f"{KNOBS}.")

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -49,9 +50,10 @@ def save_resume(engine, ckpt_root: str, step: int, keep: int = 2, extra: Optiona
                                exclude_frozen_parameters=True)
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank()}.pt"))
         save_adapter(engine.module, os.path.join(tmp, "adapter"))  # ends with a barrier
-    except OSError as e:  # a full disk, a quota, a vanished mount: this rank's own failure
-        raise RankError(f"could not write the checkpoint of step {step} in {tmp} ({e.strerror or e}); the previous "
-                        f"checkpoint ({ckpt_root}/{LATEST}) is intact: free space, then continue with --resume") from None
+    except (OSError, RuntimeError) as e:  # a full disk, a quota, a vanished mount: this rank's own failure
+        if isinstance(e, RuntimeError) and not any(m in str(e) for m in DISK_FULL):
+            raise
+        raise RankError(_cannot_write(e, tmp, ckpt_root, step)) from None
     if rank() == 0:
         replace_dir(tmp, final)
         with open(os.path.join(ckpt_root, LATEST + ".tmp"), "w") as f:
@@ -65,12 +67,47 @@ def save_resume(engine, ckpt_root: str, step: int, keep: int = 2, extra: Optiona
     return final
 
 
+# how torch.save reports a write that ran out of space (its C++ stream, not an OSError)
+DISK_FULL = ("unexpected pos", "iostream error", "No space left", "PytorchStreamWriter failed")
+
+
+def _cannot_write(e: Exception, tmp: str, ckpt_root: str, step: int) -> str:
+    """One line: where the write failed, the space it needs and has, and the last good checkpoint."""
+    free = shutil.disk_usage(ckpt_root).free if os.path.isdir(ckpt_root) else 0
+    good = newest_checkpoint(ckpt_root)
+    need = _folder_bytes(good) if good else 0
+    full = isinstance(e, RuntimeError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    why = "disk full" if full else (getattr(e, "strerror", None) or str(e))
+    size = f"a checkpoint needs ~{need / 2 ** 20:.0f} MiB, {free / 2 ** 20:.0f} MiB are free; " if need else ""
+    last = (f"the last good checkpoint is {good} (kept): " if good else "no earlier checkpoint exists: ")
+    return (f"{why} at {tmp} writing the checkpoint of step {step}: {size}{last}free space, then continue with "
+            f"--resume")
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def newest_checkpoint(ckpt_root: str) -> Optional[str]:
+    """The newest complete step folder (a step-N folder exists only once its save completed: it is renamed
+    from step-N.tmp), or None."""
+    if not os.path.isdir(ckpt_root):
+        return None
+    done = [d for d in os.listdir(ckpt_root) if d.startswith("step-") and d[5:].isdigit()
+            and os.path.isdir(os.path.join(ckpt_root, d, "engine"))]
+    return os.path.join(ckpt_root, max(done, key=lambda d: int(d[5:]))) if done else None
+
+
 def latest_resume(ckpt_root: str) -> str:
-    """The checkpoint `latest` names, or a CheckpointError that says what is wrong with it."""
+    """The checkpoint `latest` names; without a `latest` file (lost, deleted), the newest complete step
+    folder; else a CheckpointError that says what is wrong."""
     path = os.path.join(ckpt_root, LATEST)
     if not os.path.isfile(path):
-        raise CheckpointError(f"--resume: no checkpoint in {ckpt_root} (no {LATEST} file there): this run never "
-                              f"saved one; start it again without --resume")
+        newest = newest_checkpoint(ckpt_root)
+        if newest:
+            return newest
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_root} (no {LATEST} file and no complete step "
+                              f"folder there): this run never saved one; start it again without --resume")
     with open(path) as f:
         name = f.read().strip()
     found = os.path.join(ckpt_root, name)

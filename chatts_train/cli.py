@@ -118,7 +118,7 @@ def _plan(argv: list[str]) -> None:
     import torch
 
     from .config import TrainConfig, parse_config
-    from .dsconfig import load_ds_config, precision
+    from .dsconfig import precision, run_ds_config
     from .errors import ConfigError
     from .modeling import config_of
     from .plan import Cards, Shape, choose, detect_cards, format_candidates, pins_of
@@ -126,8 +126,8 @@ def _plan(argv: list[str]) -> None:
     cfg, target = parse_config((TrainConfig, PlanTarget), argv)
     per_node = target.gpus or max(torch.cuda.device_count(), 1)
     world = per_node * target.nodes
-    ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
     config = config_of(cfg.model_path)
+    ds = run_ds_config(cfg, world, config.hidden_size, torch.float16 if cfg.fp16 is not False else None)
     positions = target.positions or _longest_micro_step(cfg, ds, world)
     if target.gpu_gib or cfg.gpu_memory_cap_gib or not torch.cuda.is_available():
         cards = Cards(per_node, target.nodes, target.gpu_gib or cfg.gpu_memory_cap_gib or 0.0, cfg.gpu_memory_cap_gib)

@@ -10,7 +10,7 @@ from typing import Optional
 
 @dataclass
 class TrainConfig:
-    # model and data
+    # model and data (ChatTS-Training / LLaMA-Factory options are taken too, or --from_llamafactory FILE.yaml)
     model_path: str = "checkpoints/ChatTS-14B"  # a ChatTS checkpoint folder (either release)
     data: str = "gdsh,hbsn,whlj,zhlh"  # JSONL paths or dataset names, each optionally name:weight
     dataset_dir: str = "data"  # where dataset_info.json lives, for dataset names
@@ -38,6 +38,7 @@ class TrainConfig:
     packing: bool = False  # join consecutive samples into one row up to cutoff_len (attention stays per sample)
     grad_accum: Optional[int] = None  # overrides gradient_accumulation_steps
     fp16: Optional[bool] = None  # overrides fp16.enabled (the CPU demo runs fp32)
+    bf16: Optional[bool] = None  # overrides bf16.enabled (cards from Ampere on)
     # how the run executes (plan.py): what is left unset here and in the DeepSpeed file, the plan decides
     plan: str = "auto"  # auto: the fastest plan predicted to fit the cards; reference: ZeRO-3, per-Linear, all recomputed
     zero_stage: Optional[int] = None  # 2: frozen base whole on every GPU; 3: partitioned (overrides the DeepSpeed file)
@@ -76,12 +77,19 @@ PLAN_MODES = ("auto", "reference")
 def check_config(cfg: TrainConfig) -> None:
     """Every problem of the configuration at once, before any process group or model load starts (the
     DeepSpeed file and its overrides included): raises ConfigError."""
-    from .dsconfig import load_ds_config
+    import torch
+
+    from .dsconfig import run_ds_config
     from .errors import ChatTSTrainError, ConfigError
+    from .modeling import config_of
 
     problems = []
     try:
-        ds = load_ds_config(cfg.ds_config, 1, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
+        hidden = config_of(cfg.model_path).hidden_size
+    except ChatTSTrainError:
+        hidden = 1  # the folder's problem is reported below
+    try:  # "auto" precision is decided once the process has its device; here only whether each "auto" resolves
+        ds = run_ds_config(cfg, 1, hidden, torch.float16)
         if cfg.packing and ds["train_micro_batch_size_per_gpu"] != 1:
             problems.append(f"--packing joins samples into one row per micro-step: set the micro-batch to 1 "
                             f"(got {ds['train_micro_batch_size_per_gpu']})")
@@ -89,6 +97,17 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(str(e))
     if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         problems.append(f"--model_path {cfg.model_path}: no config.json there; point it at a ChatTS checkpoint folder")
+    else:
+        from .modeling import missing_shards_message
+        from .weights import missing_shards
+
+        try:
+            missing = missing_shards(cfg.model_path)
+        except ChatTSTrainError as e:  # no index and no single file
+            problems.append(str(e))
+        else:
+            if missing:
+                problems.append(missing_shards_message(cfg.model_path, missing))
     if os.path.isfile(cfg.output_dir):
         problems.append(f"--output_dir {cfg.output_dir} is a file; give a folder")
     elif not (cfg.resume or cfg.overwrite_output_dir) and any(
@@ -129,7 +148,14 @@ def parse_config(cls, argv: Optional[list[str]] = None):
 
     from .errors import ConfigError
 
+    from dataclasses import fields
+
+    from .llamafactory import translate
+
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]  # the launcher's
+    classes = cls if isinstance(cls, tuple) else (cls,)
+    if TrainConfig in classes:  # ChatTS-Training's options and YAML files, in our terms
+        argv = translate(argv, {f.name for c in classes for f in fields(c)})
     *parsed, unknown = HfArgumentParser(cls).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise ConfigError([f"unknown option(s) {' '.join(unknown)}; see --help for the options"])

@@ -3,6 +3,7 @@ set-up, engine with a checked fp16 loss scaler, training mode, and a description
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import deepspeed
@@ -29,6 +30,7 @@ def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple
     The plan's allocator and NCCL settings go into the environment first (both are read later, at the first
     allocation and the first collective)."""
     apply_env(gpu_memory_cap_gib, int(os.environ.get("WORLD_SIZE", "1")))
+    quiet_known_warnings()
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         # Started without a launcher (`python -m chatts_train`): one process, rather than DeepSpeed's MPI
         # discovery ("No module named mpi4py").
@@ -45,6 +47,17 @@ def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple
     torch.manual_seed(seed + rank)
     np.random.seed(seed + rank)
     return rank, world, device
+
+
+# Warnings that are not the user's to act on: torch's about the collectives DeepSpeed calls (every rank, every
+# run), PEFT's at each adapter save about a tokenizer it looks for beside the base model.
+KNOWN_WARNINGS = (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                  r"Could not find a config file in .* will assume that the vocabulary was not modified")
+
+
+def quiet_known_warnings() -> None:
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def allocator_note(gpu_memory_cap_gib: Optional[float]) -> Optional[str]:

@@ -28,7 +28,7 @@ from .engine import check_training_mode, loss_scale
 from .errors import ChatTSTrainError, DataError, RankError, TrainingError
 from .hostmem import rss_gib
 from .metrics import MetricsLog, gather_named, memory_snapshot
-from .ranks import killed_ranks, rank, rank0_print, sign_out
+from .ranks import LauncherWatch, killed_ranks, rank, rank0_print, sign_out
 from .run import Run, finish, score_held_out, setup
 from .runrecord import sample_names
 from .tokens import IGNORE_INDEX
@@ -46,10 +46,12 @@ def micro_step(engine, batch: dict, token_scale: float) -> tuple[float, int]:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask for a clean stop; all ranks agree at the next micro-step boundary."""
+    """SIGINT/SIGTERM, or the DeepSpeed launcher gone, ask for a clean stop; all ranks agree at the next
+    micro-step boundary (and save a resume checkpoint)."""
 
     def __init__(self):
         self.flag = False
+        self.launcher = LauncherWatch()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -57,6 +59,7 @@ class StopRequest:
         self.flag = True
 
     def agreed(self, device) -> bool:
+        self.flag = self.flag or self.launcher.gone()
         t = torch.tensor([float(self.flag)], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
@@ -97,7 +100,8 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
         for ids, batch in zip(plan, batches):
             if stop.agreed(device):
                 save_resume(engine, run.ckpt_root, step, cfg.keep_checkpoints)
-                rank0_print(f"\n[stop] signal received: saved a resume checkpoint at step {step} in {run.ckpt_root}; "
+                why = "the launcher is gone" if stop.launcher.gone() else "signal received"
+                rank0_print(f"\n[stop] {why}: saved a resume checkpoint at step {step} in {run.ckpt_root}; "
                             f"continue with --resume")
                 bar.close()
                 return {"stopped_at": step}

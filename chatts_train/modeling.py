@@ -25,7 +25,7 @@ from . import vocab_parallel
 from .errors import CheckpointError, read_json_object
 from .timeseries import TSSpec
 from .tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
-from .weights import check_shard, weight_map
+from .weights import check_shard, missing_shards, weight_map
 
 
 
@@ -243,15 +243,19 @@ def config_of(path: str) -> ChatTSConfig:
     return ChatTSConfig(**raw)
 
 
+def missing_shards_message(path: str, missing: list[str]) -> str:
+    return (f"{path}: the weight shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} named in "
+            f"model.safetensors.index.json {'are' if len(missing) > 1 else 'is'} missing: the download is incomplete, "
+            f"download {'them' if len(missing) > 1 else 'it'} again")
+
+
 def check_checkpoint(path: str) -> ChatTSConfig:
     """Fail early and clearly on a folder that is not a complete ChatTS checkpoint."""
     config = config_of(path)
-    shards = sorted(set(weight_map(path).values()))
-    missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+    missing = missing_shards(path)
     if missing:
-        raise CheckpointError(f"{path}: missing weight shards {', '.join(missing)} named in "
-                              f"model.safetensors.index.json; the download is incomplete")
-    for shard in shards:
+        raise CheckpointError(missing_shards_message(path, missing))
+    for shard in sorted(set(weight_map(path).values())):
         check_shard(path, shard)
     return config
 

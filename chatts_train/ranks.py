@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -64,3 +65,32 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, only not yet reaped
     except OSError:
         return False
+
+
+def _parent_of(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class LauncherWatch:
+    """Under DeepSpeed's launcher (runner -> launch.py -> ranks) a supervisor that kills the runner's pid
+    leaves launch.py and the ranks training. A rank tells by launch.py's parent changing (it is re-parented
+    when the runner dies). Only under that launcher: a rank's grandparent elsewhere is a shell, whose exit
+    (a closed terminal under nohup) must not stop the run."""
+
+    def __init__(self):
+        self.parent = os.getppid()
+        try:
+            with open(f"/proc/{self.parent}/cmdline", "rb") as f:
+                under_deepspeed = b"deepspeed.launcher.launch" in f.read()
+        except OSError:
+            under_deepspeed = False
+        self.runner = _parent_of(self.parent) if under_deepspeed else None
+
+    def gone(self) -> bool:
+        if self.runner is None:
+            return False
+        return os.getppid() != self.parent or _parent_of(self.parent) != self.runner

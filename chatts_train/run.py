@@ -14,17 +14,17 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .checkpoint import latest_resume, load_resume
+from .checkpoint import LATEST, latest_resume, load_resume
 from .config import TrainConfig, check_config
 from .data import DataIndex, describe, index_data, resolve_sources, split
-from .dsconfig import load_ds_config, precision
+from .dsconfig import precision, run_ds_config, run_precision
 from .engine import allocator_note, describe_setup, init_process, loss_scale, prepare_engine
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_samples, format_before_after, read_samples, score_by_dataset, write_report
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from .lean_activations import fusing_unavailable
 from .metrics import format_run_summary, gather_named, memory_snapshot, plot, summarise_run
-from .modeling import check_checkpoint
+from .modeling import check_checkpoint, config_of
 from .plan import Plan, Shape, apply_to_ds, next_down, pins_of, plan_run
 from .processor import ChatTSProcessor
 from .ranks import ROLL_CALL, rank0_print, sign_in
@@ -65,7 +65,7 @@ def setup(cfg: TrainConfig) -> Run:
     started = time.time()
     check_config(cfg)  # every problem at once, before any process group
     rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
-    ds = load_ds_config(cfg.ds_config, world, cfg.micro_batch, cfg.grad_accum, cfg.fp16, cfg.offload)
+    ds = run_ds_config(cfg, world, config_of(cfg.model_path).hidden_size, run_precision(cfg.fp16, cfg.bf16))
     if precision(ds) == torch.float16 and not get_accelerator().is_fp16_supported():
         raise ConfigError([f"fp16 is on, but this machine's accelerator ({get_accelerator().device_name()}) has no "
                            f"fp16: pass --fp16 false"])
@@ -80,7 +80,10 @@ def setup(cfg: TrainConfig) -> Run:
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     record = None
     if cfg.resume:
-        latest_resume(ckpt_root)  # a missing or broken checkpoint fails here, before the model loads
+        found = latest_resume(ckpt_root)  # a missing or broken checkpoint fails here, before the model loads
+        if not os.path.isfile(os.path.join(ckpt_root, LATEST)):
+            rank0_print(f"[resume] {ckpt_root} has no `{LATEST}` file: resuming from the newest complete checkpoint, "
+                        f"{os.path.basename(found)}")
         if os.path.isfile(os.path.join(cfg.output_dir, RECORD)):
             record = read_run_record(cfg.output_dir)
             changes = resume_changes(record, cfg, ds, world, index)
@@ -101,12 +104,12 @@ def setup(cfg: TrainConfig) -> Run:
 
     report_host_need(cfg.model_path, ds, world)
     engine, hf_ds = prepare_engine(cfg, ds, total_steps, plan)
-    report_model(cfg, ds, engine, rank, device)
     start_step = 0
     if cfg.resume:
         start_step, _ = load_resume(engine, ckpt_root)
         engine.train()
         rank0_print(f"[resume] continuing at optimizer step {start_step}")
+    report_model(cfg, ds, engine, rank, device)  # after the resume: a failed start leaves setup.json as it was
     return Run(cfg, rank, world, device, ds, processor, index, val_ids, sampler, total_steps, engine, hf_ds,
                start_step, started, plan, after_oom)
 
@@ -126,8 +129,13 @@ def decide_plan(cfg: TrainConfig, ds: dict, world: int, device: torch.device, po
                                   f"needs it, so {', '.join(f'{k}={v}' for k, v in clash.items())} cannot change")
         plan = recorded
     chosen = next((c for c in ranked if c.plan == plan), None)
-    rank0_print(f"[plan] {plan.line()}" + (f" (predicted peak {chosen.peak_gib:.1f} GiB per GPU for the longest "
+    each = "GPU" if cards.kind == "cuda" else "process"
+    rank0_print(f"[plan] {plan.line()}" + (f" (predicted peak {chosen.peak_gib:.1f} GiB per {each} for the longest "
                                             f"micro-step, {positions} positions)" if chosen else " (resumed)"))
+    if chosen and not chosen.fits:
+        rank0_print(f"[plan] warning: predicted to need {chosen.need_gib:.1f} GiB per {each} of "
+                    f"{cards.usable_gib:.1f} usable; the first micro-step (the longest) will tell. The pins leave "
+                    f"nothing that fits: `chatts-train plan` with the same options lists the candidates")
     down = next_down(plan, Shape.of(config, precision(ds).itemsize), cards, positions,
                      pins_of(cfg, ds, config.num_hidden_layers))
     after = (f"the next plan down is '{down.line()}' ({down.flags()})" if down else

@@ -40,6 +40,11 @@ def weight_map(path: str) -> dict[str, str]:
     raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
 
 
+def missing_shards(path: str) -> list[str]:
+    """The shard files the index names that are not in the folder."""
+    return [s for s in sorted(set(weight_map(path).values())) if not os.path.isfile(os.path.join(path, s))]
+
+
 def checkpoint_bytes(path: str) -> int:
     """Size of the weights on disk (the shard files; their headers are a few KB)."""
     return sum(os.path.getsize(os.path.join(path, f)) for f in set(weight_map(path).values()))

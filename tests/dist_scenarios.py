@@ -107,8 +107,27 @@ def interrupted_and_resumed():
         changed = "no error"
     except CheckpointError as e:
         changed = str(e)
+    # a resume that fails on a truncated engine file leaves the run folder as it was
+    broken = os.path.join(OUT, "broken")
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.copytree(cut_dir, broken)
+        engine_dir = os.path.join(broken, "checkpoints", open(os.path.join(broken, "checkpoints", "latest")).read().strip(), "engine")
+        for state in (f for f in os.listdir(engine_dir) if f.endswith("optim_states.pt")):  # every rank's
+            with open(os.path.join(engine_dir, state), "r+b") as f:
+                f.truncate(100)
+    dist.barrier()
+    setup_before = open(os.path.join(broken, "setup.json")).read()
+    try:
+        train(base_cfg(data=data, ds_config=ds, output_dir=broken, max_steps=5, learning_rate=2e-3, resume=True))
+        broken_resume = "no error"
+    except CheckpointError as e:
+        broken_resume = str(e)
     index = index_data(resolve_sources(data), ChatTSProcessor.from_pretrained(CKPT), 4096)
     return {"full_summary": full, "engine_counts": calls, "stopped": stopped, "rows_before_resume": len(cut_rows),
+            "broken_resume": broken_resume,
+            "broken_setup_unchanged": open(os.path.join(broken, "setup.json")).read() == setup_before,
             "task_samples": len(index), "resume_changed": changed, "task_positions": int(index.length.sum()),
             "full": rows(full_dir), "resumed": rows(cut_dir),
             "ckpts": sorted(os.listdir(os.path.join(cut_dir, "checkpoints")))}

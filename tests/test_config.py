@@ -83,3 +83,88 @@ def test_an_allocator_setting_that_cannot_act_is_named(monkeypatch):
     assert allocator_note(22.0) is None  # under a cap it acts
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     assert allocator_note(None) is None
+
+
+# The DeepSpeed files LLaMA-Factory (examples/deepspeed/) and ChatTS-Training ship: Trainer-style "auto" values
+LF_Z3 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+         "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+         "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                  "hysteresis": 2, "min_loss_scale": 1}, "bf16": {"enabled": "auto"},
+         "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "sub_group_size": 1e9,
+                               "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                               "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+                               "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True},
+         "comms_config": {"verbose": False}, "monitor_config": {"enabled": True, "tag": "DeepSpeedMonitor"}}
+LF_Z2 = {**{k: v for k, v in LF_Z3.items() if k != "zero_optimization"},
+         "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 5e8,
+                               "overlap_comm": False, "reduce_scatter": True, "reduce_bucket_size": 5e8,
+                               "contiguous_gradients": True, "round_robin_gradients": True}}
+WITH_OPTIMIZER = {**LF_Z3, "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                                    "weight_decay": "auto"}},
+                  "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                                    "warmup_num_steps": "auto", "total_num_steps": "auto"}}}
+
+
+@pytest.mark.parametrize("shape", [LF_Z3, LF_Z2, WITH_OPTIMIZER], ids=["ds_z3", "ds_z2", "with_optimizer"])
+def test_trainer_style_auto_values_take_the_runs_own(tiny, tmp_path, shape):
+    from chatts_train.dsconfig import run_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(shape))
+    cfg = TrainConfig(model_path=tiny["0801"], ds_config=str(path), output_dir=str(tmp_path / "run"), grad_accum=4,
+                      learning_rate=3e-4)
+    check_config(cfg)  # before any process group
+    ds = run_ds_config(cfg, 2, 64, torch.float16)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 4, 8)
+    assert ds["gradient_clipping"] == 1.0 and ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+    assert "optimizer" not in ds and "scheduler" not in ds  # the run's AdamW and warmup + cosine instead
+    zero = ds["zero_optimization"]
+    if shape is not LF_Z2:
+        assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+                zero["stage3_param_persistence_threshold"]) == (64 * 64, int(0.9 * 64 * 64), 640)
+    assert '"auto"' not in json.dumps(ds)
+    on_cpu = run_ds_config(cfg, 1, 64, None)  # no fp16 on the CPU: fp32
+    assert on_cpu["fp16"]["enabled"] is False and on_cpu["bf16"]["enabled"] is False
+
+
+def test_an_auto_value_nothing_resolves_is_refused_naming_the_key(tiny, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**LF_Z3, "zero_optimization": {**LF_Z3["zero_optimization"], "sub_group_size": "auto"}}))
+    with pytest.raises(ConfigError) as e:
+        check_config(TrainConfig(model_path=tiny["0801"], ds_config=str(path), output_dir=str(tmp_path / "run")))
+    assert '`zero_optimization.sub_group_size` is "auto"' in str(e.value) and len(e.value.problems) == 1
+
+
+def test_chatts_training_command_lines_and_yaml_files_run_unchanged(tmp_path):
+    """A ChatTS-Training user's options, as its scripts pass them to `deepspeed ... src/train.py`, mean the
+    same run here; what we do not support is refused in one line naming each option and why."""
+    theirs = ["--deepspeed", "ds_config_3.json", "--stage", "sft", "--do_train", "--model_name_or_path", "/m/ChatTS-14B",
+              "--finetuning_type", "lora", "--lora_rank", "8", "--lora_target", "q_proj,k_proj,v_proj", "--dataset",
+              "gdsh,hbsn", "--dataset_dir", "/data", "--template", "chatts", "--cutoff_len", "4000", "--output_dir",
+              "saves/x", "--overwrite_output_dir", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
+              "32", "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--save_steps", "200", "--learning_rate",
+              "1e-5", "--timeseries_sft_lr", "1e-5", "--warmup_ratio", "0.02", "--num_train_epochs", "3", "--plot_loss",
+              "--fp16", "--save_only_model", "True", "--preprocessing_num_workers", "96", "--trust_remote_code", "True"]
+    cfg = parse_config(TrainConfig, theirs)
+    assert (cfg.ds_config, cfg.model_path, cfg.data, cfg.dataset_dir, cfg.cutoff_len) == (
+        "ds_config_3.json", "/m/ChatTS-14B", "gdsh,hbsn", "/data", 4000)
+    assert (cfg.micro_batch, cfg.grad_accum, cfg.learning_rate, cfg.encoder_lr, cfg.train_encoder) == (2, 32, 1e-5, 1e-5, True)
+    assert (cfg.num_epochs, cfg.warmup_ratio, cfg.fp16, cfg.plot, cfg.overwrite_output_dir, cfg.lora_rank) == (
+        3.0, 0.02, True, True, True, 8)
+    assert cfg.lora_targets == "q_proj,k_proj,v_proj" and cfg.save_steps == 200
+    yaml_file = tmp_path / "lora_sft.yaml"
+    yaml_file.write_text("model_name_or_path: /m/ChatTS-14B\nstage: sft\ndo_train: true\nfinetuning_type: lora\n"
+                         "lora_target: all\ndataset: gdsh\ntemplate: chatts\ncutoff_len: 4096\nbf16: true\n"
+                         "per_device_train_batch_size: 1\nnum_train_epochs: 2.0\nflash_attn: sdpa\n")
+    from_yaml = parse_config(TrainConfig, ["--from_llamafactory", str(yaml_file), "--num_train_epochs", "1"])
+    assert from_yaml.lora_targets.split(",") == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert from_yaml.bf16 is True and from_yaml.attn_implementation == "sdpa" and from_yaml.num_epochs == 1.0
+    with pytest.raises(ConfigError) as e:
+        parse_config(TrainConfig, theirs + ["--quantization_bit", "4", "--finetuning_type", "full", "--warmup_steps", "10"])
+    assert len(e.value.problems) == 1
+    text = str(e.value)
+    for part in ("--quantization_bit (QLoRA is not supported", "--finetuning_type full (we train LoRA adapters only",
+                 "--warmup_steps (use --warmup_ratio"):
+        assert part in text, text
+    with pytest.raises(ConfigError, match="unknown option.*--no_such_option"):
+        parse_config(TrainConfig, ["--no_such_option", "1"])

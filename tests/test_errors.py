@@ -103,3 +103,98 @@ def test_without_a_launcher_one_process_trains_and_a_rerun_does_not_overwrite_it
     again = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 2 and "holds a run already: continue it with --resume" in again.stderr
     assert "Traceback" not in again.stderr and (tmp_path / "run" / "checkpoints" / "step-1").is_dir()
+
+
+def test_a_missing_shard_is_one_line_before_any_process_group(tiny, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny["0801"], model)
+    (model / "model-00002-of-00003.safetensors").unlink()
+    for extra in ([], ["--resume"]):
+        r = subprocess.run([sys.executable, "-m", "chatts_train", "--model_path", str(model), "--output_dir",
+                            str(tmp_path / "run"), "--ds_config", os.path.join(ROOT, "ds_config.json"), *extra],
+                           capture_output=True, text=True, timeout=300, env=_cpu_env())
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert ("the weight shard model-00002-of-00003.safetensors named in model.safetensors.index.json is missing: "
+                "the download is incomplete, download it again") in r.stderr
+
+
+def test_a_full_disk_during_a_save_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from chatts_train.checkpoint import latest_resume, save_resume
+    from chatts_train.errors import RankError
+
+    root = tmp_path / "checkpoints"
+    (root / "step-4" / "engine").mkdir(parents=True)
+    (root / "step-4" / "engine" / "state.pt").write_bytes(b"x" * 5_000_000)
+    (root / "latest").write_text("step-4\n")
+
+    class FullDisk:
+        def save_checkpoint(self, *args, **kwargs):  # what torch.save says when the disk fills
+            raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                               "data/12: file write failed")
+
+    with pytest.raises(RankError) as e:
+        save_resume(FullDisk(), str(root), 6)
+    text = str(e.value)
+    assert text.startswith(f"disk full at {root / 'step-6.tmp'} writing the checkpoint of step 6")
+    assert "a checkpoint needs ~5 MiB" in text and f"the last good checkpoint is {root / 'step-4'} (kept)" in text
+    assert latest_resume(str(root)) == str(root / "step-4")  # still what --resume takes
+
+
+def test_resume_without_a_latest_file_takes_the_newest_complete_checkpoint(tmp_path):
+    from chatts_train.checkpoint import latest_resume
+    from chatts_train.errors import CheckpointError
+
+    root = tmp_path / "checkpoints"
+    for d in ("step-2/engine", "step-6/engine", "step-8.tmp/engine", "step-7"):  # 8: unfinished; 7: no engine state
+        (root / d).mkdir(parents=True)
+    assert latest_resume(str(root)) == str(root / "step-6")
+    with pytest.raises(CheckpointError, match="never saved one"):
+        latest_resume(str(tmp_path / "nothing"))
+
+
+@pytest.mark.slow
+def test_ranks_whose_launcher_was_killed_save_and_exit(tiny, tmp_path):
+    """`kill -TERM <pid of deepspeed>` (a supervisor, with the launcher started directly as ChatTS-Training's
+    scripts start it): launch.py and the ranks would train on; the ranks notice, save a resume checkpoint and
+    exit. Nor do the known warnings that are not the user's to act on reach the output."""
+    import signal
+    import time
+
+    from chatts_train.standins.synthetic import write_series_task
+
+    write_series_task(str(tmp_path / "task.jsonl"), 48, length=120, seed=0)
+    run = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29547",
+                            "--module", "chatts_train", "--model_path", tiny["0801"], "--data", str(tmp_path / "task.jsonl"),
+                            "--output_dir", str(run), "--ds_config", os.path.join(ROOT, "ds_config.json"), "--fp16",
+                            "false", "--offload", "none", "--max_steps", "200", "--save_steps", "0", "--plot", "false",
+                            "--tensorboard", "false"], env=_cpu_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+            assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:] if job.poll() else "slow"
+            time.sleep(0.5)
+        job.send_signal(signal.SIGTERM)  # the runner's pid alone
+        job.wait(timeout=30)
+        deadline = time.time() + 120
+        while time.time() < deadline:  # launch.py and the ranks end after the checkpoint
+            try:
+                os.killpg(job.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("ranks still running two minutes after their launcher was killed")
+        out = job.stdout.read()
+    finally:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "[stop] the launcher is gone: saved a resume checkpoint at step" in out, out[-3000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / latest / "engine").is_dir()
+    assert "all_gather_into_tensor` is deprecated" not in out and "reduce_scatter_tensor` is deprecated" not in out

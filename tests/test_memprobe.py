@@ -102,6 +102,13 @@ def test_verdicts_and_config(tmp_path):
                                  {"rank": 1, "ok": False, "error": "no result"}], 60)
     assert oom["verdict"].startswith("does NOT fit: out of memory after 0 micro-steps")
     assert "shorter --cutoff_len" in oom["verdict"]
+    # a worker that crashed (here: it could not import deepspeed) is not an out-of-memory verdict
+    crashed = memprobe.summarise_probe(a, [{"rank": 0, "ok": False, "crashed": True, "exit_code": 1, "error":
+                                            memprobe.last_error("Traceback (most recent call last):\n  File x\n"
+                                                                "ModuleNotFoundError: No module named 'deepspeed'\n")},
+                                           {"rank": 1, "ok": False, "crashed": False, "exit_code": -9}], 60)
+    assert crashed["verdict"] == ("the probe failed, so it says nothing of memory: rank 0 exited with code 1: "
+                                  "ModuleNotFoundError: No module named 'deepspeed'")
 
 
 def test_kernel_budget_splits_a_micro_step_into_compute_exposed_communication_copies_and_idle():
@@ -160,3 +167,15 @@ def test_steady_median_leaves_out_warm_up_and_the_profiled_micro_step():
     times = [9.0, 2.0, 2.0, 2.0, 1.0, 1.2, 15.0, 1.1]  # first optimizer step warms up; step 6 waited on rank 0's profiler
     assert instruments.steady_median(times, 4, 6) == 1.1
     assert instruments.steady_median(times, 4) == 1.2  # kept in, the waiting step moves the median
+
+
+def test_a_worker_that_crashes_is_reported_as_a_crash_with_its_error(tiny, tmp_path):
+    fake = tmp_path / "deepspeed"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('deepspeed is broken here (injected by the test)')\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), "--model", tiny["0801"],
+                        "--num-gpus", "1", "--seq-len", "200", "--json"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path), "MASTER_PORT": "29625"})
+    rep = json.loads(r.stdout)
+    assert not rep["ok"] and rep["verdict"].startswith("the probe failed, so it says nothing of memory: rank 0 "
+                                                        "exited with code 1: ImportError: deepspeed is broken here")

@@ -153,7 +153,7 @@ def test_checkpoint_round_trip_and_errors(tiny, tmp_path):
         assert torch.equal(v, sd[k]), k
 
     (out / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="missing weight shards model-00002-of-00002"):
+    with pytest.raises(CheckpointError, match="the weight shard model-00002-of-00002.safetensors named in model.safetensors.index.json is missing"):
         load_model(str(out))
     bad = tmp_path / "qwen"
     bad.mkdir()

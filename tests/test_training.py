@@ -37,6 +37,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(results):
     assert "step-5" in r["ckpts"] and not any(c.endswith(".tmp") for c in r["ckpts"])
     assert "would not continue the same run" in r["resume_changed"]
     assert "gradient_accumulation_steps 8 -> 4" in r["resume_changed"] and "--seed 42 -> 7" in r["resume_changed"]
+    assert "cannot be loaded" in r["broken_resume"] and r["broken_setup_unchanged"]  # a failed start changes nothing
 
 
 def test_every_plan_computes_the_reference_steps(results):
