@@ -20,16 +20,18 @@ PCIE3_BYTES_S = 16e9  # the users' 2 x 2080 Ti: PCIe 3.0 x16, no NVLink
 GiB = 1024 ** 3
 
 
-def flops_per_micro_step(cfg: dict, seq_len: int) -> tuple[float, float]:
+def flops_per_micro_step(cfg: dict, seq_len: int, recomputed: float = 1.0) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per GPU per micro-step of LoRA training. Frozen weights need no
     weight gradients: forward 2N + input-gradient backward 2N per token for the Linear layers; attention
-    (causal) 2 T^2 h per layer forward, twice that backward. Hardware FLOPs add the checkpoint recompute."""
+    (causal) 2 T^2 h per layer forward, twice that backward. Hardware FLOPs add the recompute of the
+    `recomputed` share of the layers (the plan's recompute_layers / layers; 0 without checkpointing: then
+    HFU equals MFU, where it used to count a full recompute that never ran)."""
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
     attn_fwd = 2 * seq_len * seq_len * h * layers
     model = 4 * linear * seq_len + 3 * attn_fwd
-    return model, model + 2 * linear * seq_len + attn_fwd
+    return model, model + recomputed * (2 * linear * seq_len + attn_fwd)
 
 
 def estimate_job(a, cfg: dict, rep: dict) -> dict:

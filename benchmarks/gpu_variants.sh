@@ -13,6 +13,7 @@ OUT=${OUT:-runs/gpu}; W=${WORK:-/tmp/chatts-real}; mkdir -p "$OUT/logs" "$W"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 MODEL=$W/ChatTS-14B; DATA=$W/data
 PROBE="python3 benchmarks/memprobe.py --num-gpus 1 --seq-len 4096 --also-seq-len 1600 --json"
+LOOP2="env NUM_GPUS=2 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 declare -A V=(
   [data]="python3 benchmarks/write_random_checkpoint.py --out $MODEL ${TOKENIZER:+--tokenizer $TOKENIZER} && python3 -m chatts_train.cli make-data --out $DATA --scale 0.25"
@@ -37,6 +38,13 @@ declare -A V=(
   [loop_cap48_zero2_k24]="$LOOP --output_dir $W/loop_cap48_zero2_k24 --gpu_memory_cap_gib 48 --zero_stage 2 --recompute_layers 24"
   [loop_cap24_offload_layers_k48]="$LOOP --output_dir $W/loop_cap24_offload_layers_k48 --gpu_memory_cap_gib 24 --offload param --gather_whole_layers true --recompute_layers 48"
   [loop_cap24_offload_linear_k48]="$LOOP --output_dir $W/loop_cap24_offload_linear_k48 --gpu_memory_cap_gib 24 --plan reference --offload param"
+  # two GPUs (issue 19; nvidia-h200-x2): the users' box as 2 x 22 GiB, then uncapped
+  [x2_loop_auto_cap22]="$LOOP2 --output_dir $W/x2_loop_auto_cap22 --gpu_memory_cap_gib 22"
+  [x2_loop_reference_cap22]="$LOOP2 --output_dir $W/x2_loop_reference_cap22 --gpu_memory_cap_gib 22 --plan reference"
+  [x2_loop_auto_cap22_packed]="$LOOP2 --output_dir $W/x2_loop_auto_cap22_packed --gpu_memory_cap_gib 22 --packing"
+  [x2_loop_auto]="$LOOP2 --output_dir $W/x2_loop_auto"
+  [x2_probe_auto_cap22]="python3 benchmarks/memprobe.py --num-gpus 2 --gpu-mem-gb 22 --seq-len 4096 --also-seq-len 2158 --baseline hf --json"
+  [x2_probe_auto_cap22_profile]="python3 benchmarks/memprobe.py --num-gpus 2 --gpu-mem-gb 22 --seq-len 2158 --profile $OUT/prof --json"
 )
 if [ "${1:-}" = "--list" ]; then for k in "${!V[@]}"; do echo "$k: ${V[$k]}"; done | sort; exit 0; fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -371,7 +371,9 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
         seq = ranks[0]["seq_len"]
         step = max(r["micro_step_s"] for r in ranks)
         card = a.card or next((k for k in PEAK_TFLOPS if k in ranks[0]["gpu"]), None)
-        model_flops, hw_flops = flops_per_micro_step(cfg, seq)
+        plan = ranks[0].get("plan") or {}
+        share = plan.get("recompute_layers", cfg["num_hidden_layers"]) / cfg["num_hidden_layers"]
+        model_flops, hw_flops = flops_per_micro_step(cfg, seq, share)
         rep.update(seq_len=seq, micro_step_s=round(step, 3), tokens_per_s_per_gpu=round(seq / step, 1),
                    time_to_first_step_s=round(max(r["first_step_done_s"] for r in ranks), 1),
                    device_peak_gib=round(max(r["device_peak_gib"] for r in ranks), 2),

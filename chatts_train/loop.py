@@ -50,13 +50,13 @@ class StopRequest:
     micro-step boundary (and save a resume checkpoint)."""
 
     def __init__(self):
-        self.flag = False
+        self.flag = self.signalled = False
         self.launcher = LauncherWatch()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.flag = True
+        self.flag = self.signalled = True
 
     def agreed(self, device) -> bool:
         self.flag = self.flag or self.launcher.gone()
@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
         for ids, batch in zip(plan, batches):
             if stop.agreed(device):
                 save_resume(engine, run.ckpt_root, step, cfg.keep_checkpoints)
-                why = "the launcher is gone" if stop.launcher.gone() else "signal received"
+                why = "signal received" if stop.signalled else "the launcher is gone"
                 rank0_print(f"\n[stop] {why}: saved a resume checkpoint at step {step} in {run.ckpt_root}; "
                             f"continue with --resume")
                 bar.close()

@@ -188,7 +188,7 @@ class Pins:
 
 # ------------------------------------------------------------------------------------------------ memory
 
-# Calibrated against memprobe on 1 x H200 (benchmarks/plan_calibration.sh, RESULTS.md "Plans"): what a step
+# Calibrated against memprobe on 1 x H200 (benchmarks/gpu_variants.sh, RESULTS.md "Plans"): what a step
 # holds beside weights and kept activations (LoRA's weights, gradients and Adam state, the loss's
 # vocabulary chunks, the backward's transients), as a fixed part and a part per position.
 FIXED_GIB = {2: 0.55, 3: 0.45}
@@ -249,11 +249,13 @@ def fits(plan: Plan, shape: Shape, cards: Cards, positions: int) -> bool:
 
 # ------------------------------------------------------------------------------------------------- speed
 
-# Seconds per micro-step on 1 x H200, ChatTS-14B, fp16, memprobe (issue 17's table, 2026-12-01, re-measured
-# by benchmarks/plan_calibration.sh): (no layer recomputed, all recomputed) for each way of holding the base.
+# Seconds per micro-step on 1 x H200, ChatTS-14B, fp16, memprobe, for each way of holding the base: (no layer
+# recomputed, all 48 recomputed). ZeRO-2: measured 2026-12-01 (RESULTS.md "Plans", gpu_variants.sh probe_*).
+# ZeRO-3 with all recomputed: issue 17's table, same card and day. ZeRO-3 with none recomputed was not
+# measured: ZeRO-2's ratio of the two (0.65 at 1,600, 0.68 at 4,096) is applied.
 STEP_S = {
-    1600: {"zero2": (0.299, 0.576), "layers": (0.37, 0.733), "linear": (0.9, 1.38)},
-    4096: {"zero2": (0.477, 0.70), "layers": (0.50, 0.72), "linear": (1.2, 1.489)},
+    1600: {"zero2": (0.272, 0.416), "layers": (0.479, 0.733), "linear": (0.90, 1.38)},
+    4096: {"zero2": (0.487, 0.712), "layers": (0.493, 0.72), "linear": (1.02, 1.489)},
 }
 HOST_CHECKPOINTS_FACTOR = 1.10  # the recomputed layers' inputs to host memory and back (+10% at 4,096)
 

@@ -87,6 +87,9 @@ def test_verdicts_and_config(tmp_path):
     fits = memprobe.summarise_probe(a, [_rank(0), _rank(1)], 60)
     assert fits["verdict"].startswith("offload can go") and fits["card"] == "H100"
     assert 0 < fits["mfu"] < fits["hfu"] < 1
+    no_recompute = {"recompute_layers": 0, "zero_stage": 2}
+    plain = memprobe.summarise_probe(a, [_rank(0, plan=no_recompute), _rank(1, plan=no_recompute)], 60)
+    assert plain["hfu"] == plain["mfu"]  # nothing recomputed: no recompute FLOPs counted
     assert fits["estimated_job_s"] == round(421 * 3 / 2 * 1.0)  # samples x epochs / GPUs x micro-step time
     memprobe.write_config(a, fits)
     assert "offload_param" not in json.load(open(a.write_config))["zero_optimization"]
