@@ -243,10 +243,6 @@ def need_gib(peak_gib: float, cards: Cards) -> float:
     return peak_gib * (1 + RESERVED_OVER_ALLOCATED) + (0 if cards.capped else CONTEXT_GIB)
 
 
-def fits(plan: Plan, shape: Shape, cards: Cards, positions: int) -> bool:
-    return need_gib(predict_peak_gib(plan, shape, cards.world, positions), cards) <= cards.usable_gib * (1 - MARGIN)
-
-
 # ------------------------------------------------------------------------------------------------- speed
 
 # Seconds per micro-step on 1 x H200, ChatTS-14B, fp16, memprobe, for each way of holding the base: (no layer
@@ -386,7 +382,8 @@ def next_down(plan: Plan, shape: Shape, cards: Cards, positions: int, pins: Pins
 
 
 def format_candidates(ranked: list[Candidate], positions: int, cards: Cards) -> str:
-    where = f"{cards.world} {'GPU' if cards.kind == 'cuda' else 'CPU process'}(es)"
+    noun = ("GPU", "GPUs") if cards.kind == "cuda" else ("CPU process", "CPU processes")
+    where = f"{cards.world} {noun[cards.world > 1]}"
     head = (f"plans for {where} ({cards.per_node} per node x {cards.nodes}), {cards.usable_gib:.1f} GiB usable each"
             f"{' (capped)' if cards.capped else ''}, longest micro-step {positions} positions:")
     lines = [head]
@@ -457,5 +454,5 @@ def plan_run(cfg, ds: dict, config, positions: int, world: int, device) -> tuple
 
 
 __all__ = ["Cards", "Candidate", "Pins", "Plan", "Shape", "apply_env", "apply_to_ds", "choose", "env_settings",
-           "fits", "format_candidates", "next_down", "pins_of", "plan_run", "predict_peak_gib", "reference_plan",
+           "format_candidates", "next_down", "pins_of", "plan_run", "predict_peak_gib", "reference_plan",
            "step_seconds"]
