@@ -87,9 +87,9 @@ def translate(argv: list[str], ours: set[str]) -> list[str]:
         if value is None and name in BOOLEAN:
             value = "true"
         mapped = _map(name, value, refused)
-        if mapped is None and name not in REQUIRED and name not in NO_EFFECT and name not in REFUSED:
-            out += [token] + ([value] if value is not None and not inline else [])  # unknown: our parser says so
-        elif mapped:
+        if mapped is None:  # unknown: our parser says so
+            out += [token] + ([value] if value is not None and not inline else [])
+        else:
             out += mapped
     if refused:
         raise ConfigError([f"options of ChatTS-Training / LLaMA-Factory this trainer does not support: "

@@ -371,13 +371,12 @@ def _candidate(plan: Plan, shape: Shape, cards: Cards, positions: int) -> Candid
                      need <= cards.usable_gib * (1 - MARGIN))
 
 
-def next_down(plan: Plan, shape: Shape, cards: Cards, positions: int, pins: Pins) -> Optional[Plan]:
-    """The plan to try after `plan` ran out of memory: the fastest candidate predicted to need less."""
-    _, ranked = choose(shape, cards, positions, pins, plan.packing)
-    mine = predict_peak_gib(plan, shape, cards.world, positions)
-    smaller = [c for c in ranked if c.peak_gib <= 0.9 * mine]  # a step worth taking: a tenth less at least
-    if not smaller and plan.recompute_layers < shape.layers:
-        return replace(plan, recompute_layers=shape.layers)
+def next_down(plan: Plan, peak_gib: float, ranked: list[Candidate], layers: int) -> Optional[Plan]:
+    """The plan to try after `plan` (predicted at `peak_gib`) ran out of memory: the fastest of the candidates
+    `choose` weighed (`ranked`) that is predicted to need less."""
+    smaller = [c for c in ranked if c.peak_gib <= 0.9 * peak_gib]  # a step worth taking: a tenth less at least
+    if not smaller and plan.recompute_layers < layers:
+        return replace(plan, recompute_layers=layers)
     return min(smaller, key=lambda c: c.step_s).plan if smaller else None
 
 

@@ -24,8 +24,8 @@ from .evaluate import evaluate_samples, format_before_after, read_samples, score
 from .hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from .lean_activations import fusing_unavailable
 from .metrics import format_run_summary, gather_named, memory_snapshot, plot, summarise_run
-from .modeling import check_checkpoint, config_of
-from .plan import Plan, Shape, apply_to_ds, next_down, pins_of, plan_run
+from .modeling import ChatTSConfig, check_checkpoint
+from .plan import Plan, Shape, apply_to_ds, next_down, pins_of, plan_run, predict_peak_gib
 from .processor import ChatTSProcessor
 from .ranks import ROLL_CALL, rank0_print, sign_in
 from .runrecord import RECORD, read_run_record, resume_changes, write_run_record
@@ -65,7 +65,8 @@ def setup(cfg: TrainConfig) -> Run:
     started = time.time()
     check_config(cfg)  # every problem at once, before any process group
     rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
-    ds = run_ds_config(cfg, world, config_of(cfg.model_path).hidden_size, run_precision(cfg.fp16, cfg.bf16))
+    config = check_checkpoint(cfg.model_path)
+    ds = run_ds_config(cfg, world, config.hidden_size, run_precision(cfg.fp16, cfg.bf16))
     if precision(ds) == torch.float16 and not get_accelerator().is_fp16_supported():
         raise ConfigError([f"fp16 is on, but this machine's accelerator ({get_accelerator().device_name()}) has no "
                            f"fp16: pass --fp16 false"])
@@ -90,7 +91,7 @@ def setup(cfg: TrainConfig) -> Run:
             if changes:
                 raise CheckpointError(f"--resume would not continue the same run: {'; '.join(changes)}. Resume "
                                       f"with the run's settings, or start a new run in another --output_dir")
-    plan, after_oom = decide_plan(cfg, ds, world, device, sampler.longest(total_steps), record)
+    plan, after_oom = decide_plan(cfg, ds, config, world, device, sampler.longest(total_steps), record)
     apply_to_ds(plan, ds)
     if rank == 0:
         if cfg.overwrite_output_dir and not cfg.resume:
@@ -114,11 +115,10 @@ def setup(cfg: TrainConfig) -> Run:
                start_step, started, plan, after_oom)
 
 
-def decide_plan(cfg: TrainConfig, ds: dict, world: int, device: torch.device, positions: int,
+def decide_plan(cfg: TrainConfig, ds: dict, config: ChatTSConfig, world: int, device: torch.device, positions: int,
                 record: Optional[dict] = None) -> tuple[Plan, str]:
     """The run's plan, printed in one line before the model loads, and what to try if it runs out of memory.
     A resumed run keeps the plan it started with (its checkpoint's layout depends on the ZeRO stage)."""
-    config = check_checkpoint(cfg.model_path)
     plan, ranked, cards = plan_run(cfg, ds, config, positions, world, device)
     if record and record.get("plan"):
         recorded = Plan(**record["plan"])
@@ -136,8 +136,9 @@ def decide_plan(cfg: TrainConfig, ds: dict, world: int, device: torch.device, po
         rank0_print(f"[plan] warning: predicted to need {chosen.need_gib:.1f} GiB per {each} of "
                     f"{cards.usable_gib:.1f} usable; the first micro-step (the longest) will tell. The pins leave "
                     f"nothing that fits: `chatts-train plan` with the same options lists the candidates")
-    down = next_down(plan, Shape.of(config, precision(ds).itemsize), cards, positions,
-                     pins_of(cfg, ds, config.num_hidden_layers))
+    peak = chosen.peak_gib if chosen else predict_peak_gib(plan, Shape.of(config, precision(ds).itemsize), world,
+                                                             positions)
+    down = next_down(plan, peak, ranked, config.num_hidden_layers)
     after = (f"the next plan down is '{down.line()}' ({down.flags()})" if down else
              "no smaller plan exists: use more GPUs or a shorter --cutoff_len")
     return plan, after

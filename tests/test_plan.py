@@ -78,8 +78,8 @@ def test_environment_settings_and_the_next_plan_down():
     assert env_settings(22.0, 2) == ("expandable_segments:True,garbage_collection_threshold:0.7", 4)
     assert env_settings(22.0, 1)[1] is None and env_settings(48.0, 2)[1] is None
     cards = Cards(2, 1, 22.0)
-    chosen = choose(SHAPE, cards, 4096, Pins())[0]
-    down = next_down(chosen, SHAPE, cards, 4096, Pins())
+    chosen, ranked = choose(SHAPE, cards, 4096, Pins())
+    down = next_down(chosen, predict_peak_gib(chosen, SHAPE, 2, 4096), ranked, SHAPE.layers)
     assert down is not None and predict_peak_gib(down, SHAPE, 2, 4096) <= 0.9 * predict_peak_gib(chosen, SHAPE, 2, 4096)
     assert "--offload param" in down.flags() or down.recompute_layers == 48
 
