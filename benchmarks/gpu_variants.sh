@@ -14,14 +14,20 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 MODEL=$W/ChatTS-14B; DATA=$W/data
 PROBE="python3 benchmarks/memprobe.py --num-gpus 1 --seq-len 4096 --also-seq-len 1600 --json"
 LOOP2="env NUM_GPUS=2 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
+BUDGET="python3 benchmarks/loop_budget.py --model_path $MODEL --dataset_dir $DATA --max_steps ${STEPS:-5} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 declare -A V=(
   [data]="python3 benchmarks/write_random_checkpoint.py --out $MODEL ${TOKENIZER:+--tokenizer $TOKENIZER} && python3 -m chatts_train.cli make-data --out $DATA --scale 0.25"
   # the memory model's calibration: each plan kind at 1,600 and 4,096 positions (14B from config, 1 GPU)
-  [probe_zero2_k0]="$PROBE --zero-stage 2 --recompute-layers 0"
-  [probe_zero2_k24]="$PROBE --zero-stage 2 --recompute-layers 24"
-  [probe_zero2_k48]="$PROBE --zero-stage 2 --recompute-layers 48"
-  [probe_zero2_k48_host]="$PROBE --zero-stage 2 --recompute-layers 48 --checkpoints-on-cpu"
+  [probe_zero2_k0]="$PROBE --zero-stage 2 --recompute-layers 0 --compile-layers false"
+  [probe_zero2_k24]="$PROBE --zero-stage 2 --recompute-layers 24 --compile-layers false"
+  [probe_zero2_k48]="$PROBE --zero-stage 2 --recompute-layers 48 --compile-layers false"
+  [probe_zero2_k48_host]="$PROBE --zero-stage 2 --recompute-layers 48 --checkpoints-on-cpu --compile-layers false"
+  # compiled layers (ZeRO-2's default on a GPU with Triton), on the 14B folder; --profile: the micro-step's GPU idle
+  [probe_compiled_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers true --profile $OUT/prof_compiled_k0"
+  [probe_compiled_k24]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 24 --compile-layers true"
+  [probe_compiled_k48]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 48 --compile-layers true"
+  [probe_eager_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers false --profile $OUT/prof_eager_k0"
   [probe_offload_layers_k0]="$PROBE --offload param --whole-layers --recompute-layers 0"
   [probe_offload_layers_k48]="$PROBE --offload param --whole-layers --recompute-layers 48"
   [probe_offload_linear_k48]="$PROBE --offload param --per-linear --recompute-layers 48"
@@ -34,7 +40,11 @@ declare -A V=(
   [loop_auto_cap48]="$LOOP --output_dir $W/loop_auto_cap48 --gpu_memory_cap_gib 48"
   [loop_auto_cap24]="$LOOP --output_dir $W/loop_auto_cap24 --gpu_memory_cap_gib 24"
   [loop_reference]="$LOOP --output_dir $W/loop_reference --plan reference"
+  # the loop's budget of one optimizer step (loop_budget.py): the plan the job chooses, and the same op by op
+  [budget_auto]="$BUDGET --output_dir $W/budget_auto"
+  [budget_eager]="$BUDGET --output_dir $W/budget_eager --compile_layers false"
   # by hand, beside the choices under the caps
+  [loop_cap48_eager]="$LOOP --output_dir $W/loop_cap48_eager --gpu_memory_cap_gib 48 --compile_layers false"
   [loop_cap48_zero2_k24]="$LOOP --output_dir $W/loop_cap48_zero2_k24 --gpu_memory_cap_gib 48 --zero_stage 2 --recompute_layers 24"
   [loop_cap24_offload_layers_k48]="$LOOP --output_dir $W/loop_cap24_offload_layers_k48 --gpu_memory_cap_gib 24 --offload param --gather_whole_layers true --recompute_layers 48"
   [loop_cap24_offload_linear_k48]="$LOOP --output_dir $W/loop_cap24_offload_linear_k48 --gpu_memory_cap_gib 24 --plan reference --offload param"

@@ -64,6 +64,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoints-on-cpu", action="store_true", help="pin, as --checkpoints_on_cpu true in training")
     p.add_argument("--whole-layers", action="store_true", help="pin, as --gather_whole_layers true in training")
     p.add_argument("--per-linear", action="store_true", help="pin, as --gather_whole_layers false in training")
+    p.add_argument("--compile-layers", choices=["true", "false"], default=None,
+                   help="pin, as --compile_layers in training (default: the plan's choice)")
     p.add_argument("--plain-activations", action="store_true", help="as --lean_activations false in training")
     p.add_argument("--eager-kernels", action="store_true", help="as --fused_kernels false in training")
     p.add_argument("--attn", default=None, help="sdpa (default), flash_attention_2, eager")
@@ -155,6 +157,7 @@ def worker(a: argparse.Namespace) -> None:
                       checkpoints_on_cpu=pin(a.checkpoints_on_cpu),
                       gather_whole_layers=pin(a.whole_layers) if a.whole_layers else pin(a.per_linear, False),
                       lean_activations=ours and not a.plain_activations, fused_kernels=not a.eager_kernels,
+                      compile_layers=(a.compile_layers == "true" if a.compile_layers else None) if ours else False,
                       packing=bool(a.pack))
     rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
     gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
@@ -201,7 +204,7 @@ def worker(a: argparse.Namespace) -> None:
         result["also"] = []
         for n in also:  # the same steps at other lengths, each with its own peak and the plan's prediction
             b = {k: v.to(device) for k, v in collate([probe_batch(n, spec, config.vocab_size)], pad_id).items()}
-            scale, _ = step_token_scale([b] * a.grad_accum, a.grad_accum, world, device)
+            scale, *_ = step_token_scale([b] * a.grad_accum, a.grad_accum, world, device)
             took = []
             for _ in range(a.steps * a.grad_accum):
                 sync()
@@ -221,7 +224,7 @@ def worker(a: argparse.Namespace) -> None:
             batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
-        token_scale, _ = step_token_scale([batch] * a.grad_accum, a.grad_accum, world, device)
+        token_scale, *_ = step_token_scale([batch] * a.grad_accum, a.grad_accum, world, device)
         result["seq_len"] = int(batch["input_ids"].shape[1])
         result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
         traffic = count_traffic()
@@ -239,7 +242,7 @@ def worker(a: argparse.Namespace) -> None:
                 prof = start_profile()
             sync()
             t = time.perf_counter()
-            loss, _ = micro_step(engine, batch, token_scale)
+            loss = float(micro_step(engine, batch, token_scale))
             sync()
             times.append(time.perf_counter() - t)
             if i == profiled and prof is not None:

@@ -130,7 +130,9 @@ def _plan(argv: list[str]) -> None:
     ds = run_ds_config(cfg, world, config.hidden_size, torch.float16 if cfg.fp16 is not False else None)
     positions = target.positions or _longest_micro_step(cfg, ds, world)
     if target.gpu_gib or cfg.gpu_memory_cap_gib or not torch.cuda.is_available():
-        cards = Cards(per_node, target.nodes, target.gpu_gib or cfg.gpu_memory_cap_gib or 0.0, cfg.gpu_memory_cap_gib)
+        # cards named by their size: CUDA GPUs with the Triton that PyTorch's Linux wheels bring
+        cards = Cards(per_node, target.nodes, target.gpu_gib or cfg.gpu_memory_cap_gib or 0.0, cfg.gpu_memory_cap_gib,
+                      compiler=True)
         if not cards.usable_gib:
             raise ConfigError(["no GPU here: say which cards to plan for, e.g. --gpus 2 --gpu_gib 22"])
     else:

@@ -47,6 +47,7 @@ class TrainConfig:
     gradient_checkpointing: Optional[bool] = None  # false: recompute none; true: recompute all
     checkpoints_on_cpu: Optional[bool] = None  # the recomputed layers' inputs wait in host memory (~1.9 GiB/GPU on 14B at 4096)
     gather_whole_layers: Optional[bool] = None  # ZeRO-3 gathers a decoder layer's weights at once, not per Linear
+    compile_layers: Optional[bool] = None  # ZeRO-2: decoder layers through torch.compile (default on CUDA with Triton)
     lean_activations: bool = True  # MLP gate and RMSNorms keep less for backward, bit-identical (~0.2 GiB per 14B layer at 4096)
     fused_kernels: bool = True  # on CUDA with Triton: those norms and the gate compiled to one kernel each (torch.compile)
     gpu_memory_cap_gib: Optional[float] = None  # cap each process's PyTorch memory (emulate a smaller card)
@@ -124,6 +125,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.zero_stage == 2 and cfg.offload in ("param", "all"):
         problems.append("--zero_stage 2 keeps the base on every GPU, so it cannot offload it: drop --offload param "
                         "or use --zero_stage 3")
+    if cfg.compile_layers and cfg.zero_stage == 3:
+        problems.append("--compile_layers true needs --zero_stage 2: ZeRO-3 gathers weights inside a layer, between "
+                        "its Linears, where a compiled graph cannot stop")
     if cfg.recompute_layers is not None and cfg.recompute_layers < 0:
         problems.append(f"--recompute_layers {cfg.recompute_layers}: must be >= 0 (0: none recomputed)")
     if cfg.attn_implementation not in ATTENTION:

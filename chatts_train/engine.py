@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from .compiled_layers import compile_layers, is_compiled
 from .config import TrainConfig
 from .cpu_comm import blocking_gathers_on_cpu
 from .dsconfig import precision
@@ -124,7 +125,8 @@ def accumulate_zero2_gradients(optimizer) -> None:
 def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, shape: Optional[ChatTSConfig] = None):
     """The one way a training engine is made: `train()`, `benchmarks/memprobe.py` and custom loops all call
     it, so what is measured is what runs. `ds` already carries out `plan` (plan.apply_to_ds); the plan says
-    how many layers are recomputed, where their checkpoints wait and how ZeRO-3 gathers. On CUDA the fused
+    how many layers are recomputed, where their checkpoints wait, how ZeRO-3 gathers and whether the layers are
+    compiled (compiled_layers.py). On CUDA, where the layers are not compiled, the fused
     norm and gate kernels compiled first; model loaded from `cfg.model_path` (or, with `shape`, built from
     config alone), LoRA with reentrant checkpointing, trainable weights in the run's dtype, DeepSpeed engine
     with a checked loss scaler, and training mode: `from_pretrained` returns eval mode, and in eval mode
@@ -133,7 +135,8 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
     Returns (engine, hf_ds); keep hf_ds alive as long as the engine."""
     blocking_gathers_on_cpu()
     device = torch.device(get_accelerator().current_device_name())
-    kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() else EAGER
+    # Compiled layers fuse the lean functions' arithmetic themselves: those are traced op by op
+    kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() and not plan.compile_layers else EAGER
     if cfg.lean_activations and kernels is not EAGER:
         config = shape if shape is not None else check_checkpoint(cfg.model_path)
         try:
@@ -155,6 +158,8 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
         model = add_lora(model, cfg, plan.recompute_layers, plan.checkpoints_on_cpu)
     if plan.zero_stage == 3 and plan.whole_layers:
         gather_whole_layers(model, ds["zero_optimization"])
+    if plan.compile_layers:
+        compile_layers(decoder_layers(model))
     engine = build_engine(model, ds, cfg, total_steps)
     engine.train()
     return engine, hf_ds
@@ -208,6 +213,7 @@ def describe_setup(engine) -> dict:
         "attention": model.config._attn_implementation,
         "checkpoints_on_cpu": bool(getattr(model.get_base_model(), "checkpoints_on_cpu", False)),
         "whole_layer_gathers": any(getattr(m, "_z3_leaf", False) for m in layers),
+        "compiled_layers": sum(map(is_compiled, layers)),
         "lean_activation_modules": lean_modules(model),
         "fused_kernel_modules": lean_modules(model) - lean_modules(model, EAGER),
         # DeepSpeed's memory_efficient_linear replaces F.linear process-wide, keeping frozen Linears' inputs

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .adapter import save_adapter
 from .checkpoint import save_resume
+from .compiled_layers import compile_failure
 from .batching import collate, pack
 from .config import TrainConfig, parse_config
 from .data import SampleReader
@@ -34,20 +35,22 @@ from .runrecord import sample_names
 from .tokens import IGNORE_INDEX
 
 
-def micro_step(engine, batch: dict, token_scale: float) -> tuple[float, int]:
-    """Forward, backward and `engine.step()` for one micro-batch. `token_scale` (= accumulation steps x
-    world size / answer tokens of the whole optimizer step) makes the gradient that of the mean over all
-    answer tokens of the step, across micro-steps and ranks, rather than a mean of per-sample means."""
+def micro_step(engine, batch: dict, token_scale: float) -> torch.Tensor:
+    """Forward, backward and `engine.step()` for one micro-batch; returns the summed loss, on the device (read
+    it once per optimizer step: each read waits for the GPU, and the host then no longer runs ahead of it).
+    `token_scale` (= accumulation steps x world size / answer tokens of the whole optimizer step) makes the
+    gradient that of the mean over all answer tokens of the step, across micro-steps and ranks, rather than a
+    mean of per-sample means."""
     check_training_mode(engine.module)
     out = engine(**batch)
     engine.backward(out.loss_sum * token_scale)
     engine.step()
-    return out.loss_sum.item(), int(out.num_tokens)
+    return out.loss_sum.detach()
 
 
 class StopRequest:
-    """SIGINT/SIGTERM, or the DeepSpeed launcher gone, ask for a clean stop; all ranks agree at the next
-    micro-step boundary (and save a resume checkpoint)."""
+    """SIGINT/SIGTERM, or the DeepSpeed launcher gone, ask for a clean stop; all ranks agree on it at the next
+    optimizer step's start (step_token_scale) and save a resume checkpoint."""
 
     def __init__(self):
         self.flag = self.signalled = False
@@ -58,19 +61,20 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.flag = self.signalled = True
 
-    def agreed(self, device) -> bool:
+    def asked(self) -> bool:
         self.flag = self.flag or self.launcher.gone()
-        t = torch.tensor([float(self.flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return self.flag
 
 
-def step_token_scale(batches: list[dict], ga: int, world: int, device) -> tuple[float, int]:
-    """(token_scale for `micro_step`, answer tokens of the whole optimizer step over all ranks)."""
-    counts = torch.tensor([float(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches))], device=device)
-    dist.all_reduce(counts)
-    total = int(counts.item())
-    return ga * world / max(total, 1), total
+def step_token_scale(batches: list[dict], ga: int, world: int, device, stop: bool = False) -> tuple[float, int, bool]:
+    """(token_scale for `micro_step`, answer tokens of the whole optimizer step over all ranks, whether any rank
+    asks to stop). Counted from the host's batches and agreed in one all-reduce before the step's micro-steps,
+    so these run without the host waiting on the GPU."""
+    mine = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    t = torch.tensor([float(mine), float(stop)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    total, stops = (int(v) for v in t.tolist())
+    return ga * world / max(total, 1), total, stops > 0
 
 
 def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
@@ -88,28 +92,31 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
 
     # ---- iterate ------------------------------------------------------------------------------------
     for step in range(run.start_step, run.total_steps):
+        t0 = time.perf_counter()
         plan = run.sampler.micro_batches(step, run.rank)
         try:
             batches = [batch_of([reader[int(i)] for i in ids], pad_id) for ids in plan]
         except DataError as e:  # read on this rank only, so this rank reports it
             raise RankError(str(e)) from None
-        # Answer tokens of the whole optimizer step, over all ranks: the loss is their mean.
-        token_scale, answer_tokens = step_token_scale(batches, run.sampler.grad_accum, world, device)
-        t0 = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
+        # Answer tokens of the whole optimizer step, over all ranks (the loss is their mean), and a stop request
+        token_scale, answer_tokens, stopping = step_token_scale(batches, run.sampler.grad_accum, world, device,
+                                                                stop.asked())
+        if stopping:
+            save_resume(engine, run.ckpt_root, step, cfg.keep_checkpoints)
+            why = "signal received" if stop.signalled else "the launcher is gone"
+            rank0_print(f"\n[stop] {why}: saved a resume checkpoint at step {step} in {run.ckpt_root}; "
+                        f"continue with --resume")
+            bar.close()
+            return {"stopped_at": step}
+        if device.type == "cuda":  # a copy from pageable memory waits for the GPU's queue to drain; pinned, for nothing
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        losses, tokens = [], 0
         for ids, batch in zip(plan, batches):
-            if stop.agreed(device):
-                save_resume(engine, run.ckpt_root, step, cfg.keep_checkpoints)
-                why = "signal received" if stop.signalled else "the launcher is gone"
-                rank0_print(f"\n[stop] {why}: saved a resume checkpoint at step {step} in {run.ckpt_root}; "
-                            f"continue with --resume")
-                bar.close()
-                return {"stopped_at": step}
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with failures.watch(step, ids, batch["input_ids"].shape[1]):
-                part, _ = step_fn(engine, batch, token_scale)
-            loss_sum += part
             tokens += int(batch["input_ids"].numel()) if cfg.packing else int(batch["attention_mask"].sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with failures.watch(step, ids, batch["input_ids"].shape[1]):
+                losses.append(step_fn(engine, batch, token_scale))
+        loss_sum = float(torch.stack(losses).sum())  # the step's one wait for the GPU
         step_time = time.perf_counter() - t0
         first_step_s = first_step_s or (time.time() - run.started)
 
@@ -176,6 +183,10 @@ class Failures:
                             f"'{self.run.plan.line()}': {self.run.after_oom}; or a smaller --cutoff_len. "
                             f"memprobe measures a plan first: benchmarks/memprobe.py --seq-len {seq_len}.") from e
         except Exception as e:
+            if compile_failure(e):
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise TrainingError(f"compiling the decoder layers failed ({type(e).__name__}: {first}); run with "
+                                    f"--compile_layers false: the same step, op by op") from e
             if "loss scale already at minimum" not in str(e):
                 raise
             self._save(step)

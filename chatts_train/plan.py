@@ -15,6 +15,7 @@ tensors from the shapes; weights from the config) and adds terms calibrated agai
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -78,6 +79,7 @@ class Cards:
     cap_gib: Optional[float] = None  # a per-process cap: the allocator's cache must fit under it, the context not
     kind: str = "cuda"  # "cpu": host RAM shared by the node's ranks, no allocator or NCCL settings
     host_gbps: float = 12.0  # host-to-GPU copies (GB/s): what parameter offload moves its weights through
+    compiler: bool = False  # Triton is there: torch.compile can generate this card's kernels
 
     @property
     def world(self) -> int:
@@ -100,7 +102,7 @@ def detect_cards(cap_gib: Optional[float], world: int, per_node: int) -> Cards:
         return Cards(per_node, nodes, node_memory_gib()[0] / per_node, None, "cpu")
     free, _ = torch.cuda.mem_get_info()
     usable = free / GiB if cap_gib is None else min(cap_gib, free / GiB)
-    return Cards(per_node, nodes, usable, cap_gib, "cuda", host_to_gpu_gbps())
+    return Cards(per_node, nodes, usable, cap_gib, "cuda", host_to_gpu_gbps(), importlib.util.find_spec("triton") is not None)
 
 
 def host_to_gpu_gbps(nbytes: int = 256 * 1024 ** 2) -> float:
@@ -142,6 +144,7 @@ class Plan:
     checkpoints_on_cpu: bool  # the recomputed layers' inputs wait in pinned host memory
     offload_param: bool  # ZeRO-3: the frozen base in host RAM, fetched layer by layer
     hpz_partition: int  # ZeRO-3 across nodes: a secondary copy partitioned inside each node (1: off)
+    compile_layers: bool  # ZeRO-2: each decoder layer's forward and backward compiled (torch.compile)
     packing: bool  # several samples per row: the user's choice (it changes what a step trains on), recorded
     alloc_conf: str  # PYTORCH_CUDA_ALLOC_CONF
     nccl_max_channels: Optional[int]  # NCCL_MAX_NCHANNELS (fewer channels: less memory outside PyTorch)
@@ -153,6 +156,8 @@ class Plan:
             where += ", base in host RAM" if self.offload_param else ""
             where += f", hpZ within nodes of {self.hpz_partition}" if self.hpz_partition > 1 else ""
         parts = [where, f"recompute {self.recompute_layers} layers"]
+        if self.compile_layers:
+            parts.append("compiled layers")
         if self.recompute_layers and self.checkpoints_on_cpu:
             parts.append("checkpoints in host RAM")
         if self.packing:
@@ -169,6 +174,8 @@ class Plan:
             out += f" --gather_whole_layers {str(self.whole_layers).lower()} --offload {'param' if self.offload_param else 'none'}"
         if self.recompute_layers:
             out += f" --checkpoints_on_cpu {str(self.checkpoints_on_cpu).lower()}"
+        if self.zero_stage == 2:
+            out += f" --compile_layers {str(self.compile_layers).lower()}"
         return out
 
 
@@ -181,6 +188,7 @@ class Pins:
     recompute_layers: Optional[int] = None
     checkpoints_on_cpu: Optional[bool] = None
     offload_param: Optional[bool] = None
+    compile_layers: Optional[bool] = None
 
     def pinned(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -193,6 +201,9 @@ class Pins:
 # vocabulary chunks, the backward's transients), as a fixed part and a part per position.
 FIXED_GIB = {2: 0.55, 3: 0.45}
 PER_POSITION_BYTES = 40_000
+# What a compiled layer keeps for backward against an eager lean one (Inductor's partitioner picks what to keep):
+# the same, measured (48.88 / 48.69 GiB at 4,096 and 36.27 / 36.19 at 1,600, compiled / eager, none recomputed)
+COMPILED_KEPT = 1.0
 # ZeRO-3 per-Linear gathers keep up to stage3_max_live_parameters gathered (ds_config.json: 3e8)
 PER_LINEAR_LIVE = 3e8
 
@@ -224,7 +235,7 @@ def activations_gib(plan: Plan, shape: Shape, positions: int) -> float:
     kept layers' backward runs first and frees their activations before any recompute; then one recomputed
     layer's activations are live at a time."""
     k = plan.recompute_layers
-    kept = max(shape.layers - k, 1) * shape.kept_bytes_per_position()
+    kept = max(shape.layers - k, 1) * shape.kept_bytes_per_position() * (COMPILED_KEPT if plan.compile_layers else 1.0)
     ckpt = 0 if plan.checkpoints_on_cpu else k * shape.checkpoint_bytes_per_position()
     return positions * (kept + ckpt) / GiB
 
@@ -254,6 +265,10 @@ STEP_S = {
     4096: {"zero2": (0.487, 0.712), "layers": (0.493, 0.72), "linear": (1.02, 1.489)},
 }
 HOST_CHECKPOINTS_FACTOR = 1.10  # the recomputed layers' inputs to host memory and back (+10% at 4,096)
+# Compiled layers (ZeRO-2) against the same plan run op by op, by length: Inductor's kernels, and no Python
+# between them. memprobe on the 14B folder, nothing recomputed, 1 x H200, one lease: 0.194 / 0.272 s at 1,600,
+# 0.467 / 0.514 s at 4,096 (RESULTS.md "The launch-bound micro-step", gpu_variants.sh probe_compiled_k0, probe_eager_k0).
+COMPILED_STEP_RATIO = {1600: 0.711, 4096: 0.909}
 
 
 def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> float:
@@ -275,6 +290,8 @@ def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> floa
         s += passes * shape.base_numel * shape.bytes_per_value / cards.world / (cards.host_gbps * 1e9)
     if plan.checkpoints_on_cpu and plan.recompute_layers:
         s *= HOST_CHECKPOINTS_FACTOR
+    if plan.compile_layers:
+        s *= COMPILED_STEP_RATIO[lo] + x * (COMPILED_STEP_RATIO[hi] - COMPILED_STEP_RATIO[lo])
     return s
 
 
@@ -296,8 +313,8 @@ REFERENCE = dict(zero_stage=3, whole_layers=False, checkpoints_on_cpu=False, off
 def reference_plan(layers: int) -> Plan:
     """The plan every other is tested against: ZeRO-3, per-Linear gathers, every layer recomputed."""
     alloc, nccl = env_settings(None, 1)
-    return Plan(**REFERENCE, recompute_layers=layers, hpz_partition=1, packing=False, alloc_conf=alloc,
-                nccl_max_channels=nccl)
+    return Plan(**REFERENCE, recompute_layers=layers, compile_layers=False, hpz_partition=1, packing=False,
+                alloc_conf=alloc, nccl_max_channels=nccl)
 
 
 def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool = False,
@@ -316,9 +333,10 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
         for whole in ((False,) if stage == 2 else (True, False)):
             for offload in ((False,) if stage == 2 else (False, True)):
                 for host in (False, True):
-                    fields = dict(zero_stage=stage, whole_layers=whole, offload_param=offload, checkpoints_on_cpu=host)
+                    fields = dict(zero_stage=stage, whole_layers=whole, offload_param=offload, checkpoints_on_cpu=host,
+                                  compile_layers=pinned.get("compile_layers"))
                     clash = [k for k, v in pinned.items() if k in fields and fields[k] != v]
-                    if clash or (stage == 3 and not offload and cards.world == 1 and "zero_stage" not in pinned):
+                    if clash or (stage == 3 and pinned.get("compile_layers")) or (stage == 3 and not offload and cards.world == 1 and "zero_stage" not in pinned):
                         continue  # ZeRO-3 on one GPU holds the whole base too, with gathers: stage 2 does it faster
                     # host checkpoints exist only where layers are recomputed; with the base in host RAM every layer
                     # is recomputed: whole-layer gathers fetch a layer once for its recompute and backward, so
@@ -356,12 +374,21 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
 
 def _finish(fields: dict, cards: Cards, shape: Shape, packing: bool) -> Plan:
     """The settings that follow from the rest: hpZ where ZeRO-3 spans nodes and the base fits in one node's
-    GPUs (the gathers then stay inside the node, only LoRA's gradients cross), the environment's settings."""
+    GPUs (the gathers then stay inside the node, only LoRA's gradients cross); compiled layers under ZeRO-2 on
+    a GPU torch.compile can generate kernels for (ZeRO-3's hooks run inside a layer, between its Linears); the
+    environment's settings."""
+    fields = dict(fields)
     node_gib = cards.per_node * cards.usable_gib
     hpz = (cards.per_node if fields["zero_stage"] == 3 and not fields["offload_param"] and cards.nodes > 1
            and shape.base_numel * shape.bytes_per_value / GiB < 0.5 * node_gib else 1)
+    compiled = fields.pop("compile_layers", None)
+    if compiled is None:
+        compiled = fields["zero_stage"] == 2 and cards.kind == "cuda" and cards.compiler
+    if compiled and fields["zero_stage"] != 2:
+        raise ValueError("--compile_layers true needs ZeRO-2 (--zero_stage 2): ZeRO-3 gathers weights inside a layer")
     alloc, nccl = env_settings(cards.cap_gib, cards.world)
-    return Plan(**fields, hpz_partition=hpz, packing=packing, alloc_conf=alloc, nccl_max_channels=nccl)
+    return Plan(**fields, compile_layers=compiled, hpz_partition=hpz, packing=packing, alloc_conf=alloc,
+                nccl_max_channels=nccl)
 
 
 def _candidate(plan: Plan, shape: Shape, cards: Cards, positions: int) -> Candidate:
@@ -430,7 +457,8 @@ def pins_of(cfg, ds_file: dict, layers: int) -> Pins:
     if recompute is None and cfg.gradient_checkpointing is not None:
         recompute = layers if cfg.gradient_checkpointing else 0
     return Pins(zero_stage=None if stage in (None, "auto") else int(stage), whole_layers=cfg.gather_whole_layers,
-                recompute_layers=recompute, checkpoints_on_cpu=cfg.checkpoints_on_cpu, offload_param=offload)
+                recompute_layers=recompute, checkpoints_on_cpu=cfg.checkpoints_on_cpu, offload_param=offload,
+                compile_layers=cfg.compile_layers)
 
 
 def plan_run(cfg, ds: dict, config, positions: int, world: int, device) -> tuple[Plan, list[Candidate], Cards]:

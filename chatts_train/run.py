@@ -199,7 +199,10 @@ def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.de
                 f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable "
                 f"{setup['trainable_numel'] / 1e6:.2f} M, checkpointed layers {setup['checkpointed_layers']}/"
                 f"{setup['decoder_layers']}, loss scale {loss_scale(engine):g}")
-    if device.type == "cuda" and cfg.lean_activations and cfg.fused_kernels and not setup["fused_kernel_modules"]:
+    if setup["compiled_layers"]:
+        rank0_print(f"[model] {setup['compiled_layers']} decoder layers compiled during the first micro-step (about a "
+                    f"minute on 1 x H200; --compile_layers false runs them op by op)")
+    elif device.type == "cuda" and cfg.lean_activations and cfg.fused_kernels and not setup["fused_kernel_modules"]:
         rank0_print(f"[model] fused kernels off: {fusing_unavailable()}")
     note = allocator_note(cfg.gpu_memory_cap_gib)
     if device.type == "cuda" and note:

@@ -44,9 +44,8 @@ def main() -> None:
 
     for step in range(run.start_step, run.total_steps):
         batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in run.sampler.micro_batches(step, run.rank)]
-        token_scale, tokens = step_token_scale(batches, ga, world, device)
-        loss = torch.tensor([sum(micro_step(engine, {k: v.to(device) for k, v in b.items()}, token_scale)[0]
-                                 for b in batches)], device=device)
+        token_scale, tokens, _ = step_token_scale(batches, ga, world, device)
+        loss = sum(micro_step(engine, {k: v.to(device) for k, v in b.items()}, token_scale) for b in batches)
         dist.all_reduce(loss)
         if len(run.val_ids) and ((step + 1) % args.eval_every == 0 or step + 1 == run.total_steps):
             val = held_out_loss(engine, reader, run.val_ids, pad_id, device)  # leaves the engine in training mode

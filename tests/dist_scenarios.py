@@ -136,6 +136,9 @@ def interrupted_and_resumed():
 PLANS = {  # every kind of plan the chooser can pick, pinned; "auto" is what it picks here (ZeRO stage unset)
     "auto": {},
     "zero2_selective": {"zero_stage": 2, "recompute_layers": 1},
+    # compiled layers: the chooser's pick on a GPU with Triton; here Inductor's CPU kernels
+    "zero2_compiled": {"zero_stage": 2, "recompute_layers": 0, "compile_layers": True},
+    "zero2_compiled_selective": {"zero_stage": 2, "recompute_layers": 1, "compile_layers": True},
     "zero3_layers_none": {"zero_stage": 3, "gather_whole_layers": True, "recompute_layers": 0},
     "zero3_layers_host": {"zero_stage": 3, "gather_whole_layers": True, "recompute_layers": 1, "checkpoints_on_cpu": True},
     "zero3_linear_host": {"zero_stage": 3, "gather_whole_layers": False, "recompute_layers": 1, "checkpoints_on_cpu": True},
@@ -292,7 +295,7 @@ def loss_weighting():
     engine.train()
     before = trainable_state_dict(engine.module)
     mine = [collate([s], pad) for s in samples[dist.get_rank() * 4:dist.get_rank() * 4 + 4]]
-    scale, total = step_token_scale(mine, 4, dist.get_world_size(), engine.device)
+    scale, total, _ = step_token_scale(mine, 4, dist.get_world_size(), engine.device)
     for b in mine:
         micro_step(engine, b, scale)
     after = trainable_state_dict(engine.module)

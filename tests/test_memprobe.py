@@ -182,3 +182,23 @@ def test_a_worker_that_crashes_is_reported_as_a_crash_with_its_error(tiny, tmp_p
     rep = json.loads(r.stdout)
     assert not rep["ok"] and rep["verdict"].startswith("the probe failed, so it says nothing of memory: rank 0 "
                                                         "exited with code 1: ImportError: deepspeed is broken here")
+
+
+@pytest.mark.slow
+def test_loop_budget_profiles_one_whole_optimizer_step_of_the_real_loop(tiny, synthetic, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "loop_budget.py"), "--budget_step", "3",
+                        "--model_path", tiny["0801"], "--data", "gdsh,hbsn", "--dataset_dir", synthetic,
+                        "--output_dir", str(out), "--max_steps", "4", "--grad_accum", "2", "--save_steps", "0",
+                        "--plot", "false", "--tensorboard", "false", "--fp16", "false"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MASTER_PORT": "29561", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    budget = json.loads((out / "budget.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert budget["tokens"] == rows[2]["tokens"]  # the window is step 3, whole
+    host = budget["host_s"]
+    assert host["forward"] > 0 and host["backward"] > 0 and host["data"] > 0 and host["step_all_reduce"] > 0
+    assert sum(host.values()) == pytest.approx(budget["wall_s"], abs=2e-3)  # every host second has a cause
+    assert budget["wall_s"] >= rows[2]["step_time_s"]  # the window holds the step and the metrics line before it
+    assert (out / "budget_trace.json").exists()

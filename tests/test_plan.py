@@ -14,8 +14,8 @@ from chatts_train.published import chatts_config
 SHAPE = Shape.of(ChatTSConfig(**{k: v for k, v in chatts_config("0801").items() if k != "model_type"}), 2)
 
 
-def plan(stage, whole, k, host=False, offload=False):
-    return Plan(stage, whole, k, host, offload, 1, False, "expandable_segments:True", None)
+def plan(stage, whole, k, host=False, offload=False, compiled=False):
+    return Plan(stage, whole, k, host, offload, 1, compiled, False, "expandable_segments:True", None)
 
 
 # Peak allocated GiB per GPU measured on H200 with ChatTS-14B-0801, fp16, LoRA r8 q/k/v (benchmarks/RESULTS.md,
@@ -24,7 +24,9 @@ MEASURED = [
     (plan(2, False, 0), 1, 4096, 48.69), (plan(2, False, 0), 1, 1600, 36.19),
     (plan(2, False, 24), 1, 4096, 39.56), (plan(2, False, 24), 1, 1600, 32.60),
     (plan(2, False, 48), 1, 4096, 30.78), (plan(2, False, 48), 1, 1600, 29.15),
-    (plan(2, False, 0), 1, 2158, 38.97),  # the loop, launch.sh without flags
+    (plan(2, False, 0), 1, 2158, 38.97),  # the loop, launch.sh with --compile_layers false
+    (plan(2, False, 0, compiled=True), 1, 4096, 48.88), (plan(2, False, 0, compiled=True), 1, 1600, 36.27),
+    (plan(2, False, 0, compiled=True), 1, 2158, 39.14),  # the loop, launch.sh without flags (compiled)
     (plan(3, True, 48, offload=True), 1, 2158, 3.82),  # the loop, 24 GiB cap
     (plan(3, True, 24, offload=True), 1, 2158, 20.04),  # the loop, 24 GiB cap
     (plan(3, False, 48), 2, 4096, 17.20), (plan(3, False, 48, host=True), 2, 4096, 15.36),
@@ -49,6 +51,19 @@ def test_the_chooser_takes_the_fastest_plan_that_fits_the_cards():
     assert users.zero_stage == 3 and users.whole_layers and not users.offload_param and users.recompute_layers >= 40
     assert ranked[0].plan == users and ranked[0].why.startswith("chosen")
     assert any("needs" in c.why for c in ranked if c.plan.zero_stage == 2)  # said why ZeRO-2 was not chosen
+
+
+def test_layers_are_compiled_where_nothing_hooks_into_them_and_torch_can_compile():
+    one_gpu = choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins())[0]
+    assert one_gpu.zero_stage == 2 and one_gpu.compile_layers and "compiled layers" in one_gpu.line()
+    assert not choose(SHAPE, Cards(1, 1, 139.0), 2158, Pins())[0].compile_layers  # no Triton
+    assert not choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(compile_layers=False))[0].compile_layers
+    offload = choose(SHAPE, Cards(1, 1, 24.0, cap_gib=24.0, compiler=True), 2158, Pins())[0]
+    assert offload.zero_stage == 3 and not offload.compile_layers  # ZeRO-3's hooks run inside a layer
+    assert choose(SHAPE, Cards(2, 1, 22.0, compiler=True), 2158, Pins(compile_layers=True))[0].zero_stage == 2
+    with pytest.raises(ValueError, match="needs ZeRO-2"):
+        choose(SHAPE, Cards(1, 1, 139.0), 2158, Pins(zero_stage=3, compile_layers=True), mode="reference")
+    assert "--compile_layers true" in one_gpu.flags()
 
 
 def test_pins_from_flags_and_the_deepspeed_file_are_kept():
@@ -92,4 +107,4 @@ def test_plan_command_prints_every_candidate(tiny, synthetic, capsys):
     out = capsys.readouterr().out
     assert "plans for 2 GPU" in out and "* ZeRO-2" in out and "chosen: the fastest that fits" in out
     assert "pin a plan with its options, e.g. --zero_stage 2" in out
-    assert json.loads(json.dumps(Plan(2, False, 0, False, False, 1, False, "", None).as_dict()))["zero_stage"] == 2
+    assert json.loads(json.dumps(Plan(2, False, 0, False, False, 1, False, False, "", None).as_dict()))["zero_stage"] == 2

@@ -27,8 +27,9 @@ def test_loss_falls_and_steps_are_micro_steps_over_accumulation(results):
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(results):
     r = scenario(results, "interrupted_and_resumed")
-    assert r["stopped"] == {"stopped_at": 2}  # SIGTERM inside step 3: resume checkpoint of 2 completed steps
-    assert r["rows_before_resume"] == 2
+    # SIGTERM inside step 3: the step ends, the ranks agree to stop at step 4's start: 3 completed steps saved
+    assert r["stopped"] == {"stopped_at": 3}
+    assert r["rows_before_resume"] == 3
     assert [x["step"] for x in r["resumed"]] == [1, 2, 3, 4, 5]
     for a, b in zip(r["full"], r["resumed"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
@@ -53,12 +54,15 @@ def test_every_plan_computes_the_reference_steps(results):
         assert got["adapter_max_abs_diff"] <= 1e-5 * r["adapter_max_abs"], name
     # each pinned plan ran as pinned
     assert r["zero2_selective"]["setup"]["zero_stage"] == 2 and r["zero2_selective"]["setup"]["checkpointed_layers"] == 1
+    assert r["auto"]["setup"]["compiled_layers"] == 0  # on the CPU the chooser does not compile
+    assert r["zero2_compiled"]["setup"]["compiled_layers"] == 2 and r["zero2_compiled"]["plan"]["compile_layers"]
+    assert r["zero2_compiled_selective"]["setup"]["checkpointed_layers"] == 1
     assert r["zero3_layers_host"]["setup"]["whole_layer_gathers"] and r["zero3_layers_host"]["setup"]["checkpoints_on_cpu"]
     assert not r["zero3_linear_host"]["setup"]["whole_layer_gathers"] and r["zero3_linear_host"]["setup"]["checkpoints_on_cpu"]
     assert r["zero3_offload_layers"]["setup"]["offload_param"] and r["zero3_layers_none"]["setup"]["checkpointed_layers"] == 0
 
 
-PLAN_NAMES = ("auto", "zero2_selective", "zero3_layers_none", "zero3_layers_host", "zero3_linear_host",
+PLAN_NAMES = ("auto", "zero2_selective", "zero2_compiled", "zero2_compiled_selective", "zero3_layers_none", "zero3_layers_host", "zero3_linear_host",
               "zero3_offload_layers")
 
 

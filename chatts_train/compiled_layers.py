@@ -1,0 +1,36 @@
+"""Decoder layers through torch.compile, for plans where nothing runs inside a layer but the layer (ZeRO-2: the
+base whole on the GPU, no per-module hooks).
+
+Op by op, a 14B micro-step at the users' lengths launches ~5,500 kernels one by one from Python, and the GPU
+waits on the launches (benchmarks/RESULTS.md, the loop's micro-step budget). Compiled, a layer's forward is one
+call of a graph and its backward one more; Inductor fuses the elementwise work (norms, rotary embedding, the
+SiLU gate, LoRA's scale-and-add) into fewer kernels.
+
+One graph serves all layers and lengths: the layers run the same code and the number of positions is dynamic,
+so compiling happens once per kind of call (a layer's input requires grad or not; a recomputed layer's first
+pass runs without autograd), during the run's first micro-step: 65 s on 1 x H200 for the 14B layers, 56 s on
+the next run with Inductor's cache on disk.
+Under the compiled graphs the lean-activation functions are traced like any other code: Inductor's partitioner
+then decides what a layer keeps for backward (RESULTS.md has what that costs in memory).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def compile_layers(layers: Sequence[torch.nn.Module], backend: str = "inductor") -> None:
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, backend=backend, dynamic=True)
+
+
+def is_compiled(layer: torch.nn.Module) -> bool:
+    return hasattr(layer.forward, "_torchdynamo_orig_callable")
+
+
+def compile_failure(e: BaseException) -> bool:
+    """Whether `e` is torch.compile failing (a compiler, Triton or a driver on this machine), not the step."""
+    import torch._dynamo.exc as dynamo_exc
+
+    return isinstance(e, (dynamo_exc.BackendCompilerFailed, dynamo_exc.InternalTorchDynamoError, dynamo_exc.Unsupported))
