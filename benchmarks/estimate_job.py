@@ -1,7 +1,7 @@
 """The users' whole job on 2 x 2080 Ti 22 GB (PCIe 3.0), from a memprobe report made with --profile on any
 card, and the users' data for the sample lengths (unpacked and packed):
 
-    python benchmarks/estimate_job.py benchmarks/results/param_cap22_4096.json --data gdsh,hbsn,whlj,zhlh \
+    python benchmarks/estimate_job.py benchmarks/results/h200x2/memprobe/param_cap22_4096.s6.json --data gdsh,hbsn,whlj,zhlh \
         --dataset-dir data --tokenizer checkpoints/ChatTS-14B
 
 The model (`estimate_job`, which memprobe also puts in every profiled report): measured bytes per micro-step
@@ -42,7 +42,7 @@ def estimate_job(a, cfg: dict, rep: dict) -> dict:
     every sample is taken at the probed length (an upper bound)."""
     import numpy as np
 
-    from chatts_train.sampler import pack_plan
+    from chatts_train.data.sampler import pack_plan
 
     budget = rep["budget"]
     _, hw = flops_per_micro_step(cfg, rep["seq_len"])
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"{a.report} has no micro-step budget: make it with memprobe --profile")
     a.model = None
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from chatts_train.published import chatts_config
+    from chatts_train.model.published import chatts_config
     from memprobe import size_from_data
 
     size_from_data(a)

@@ -27,8 +27,8 @@ def main() -> None:
     a = p.parse_args()
     import numpy as np
 
-    from chatts_train.data import index_data, resolve_sources
-    from chatts_train.processor import ChatTSProcessor
+    from chatts_train.data.indexing import index_data, resolve_sources
+    from chatts_train.model.processor import ChatTSProcessor
     from chatts_train.standins.checkpoint import make_tiny_checkpoint
 
     os.makedirs(a.workdir, exist_ok=True)

@@ -158,7 +158,7 @@ def write_kernel_table(prof, folder: str, name: str) -> None:
 def memory(device) -> dict:
     import torch
 
-    from chatts_train.metrics import memory_snapshot
+    from chatts_train.training.metrics import memory_snapshot
 
     m = memory_snapshot(device)
     out = {"peak_allocated_gib": m["allocated"], "peak_reserved_gib": m["reserved"], "peak_active_gib": m["active"],

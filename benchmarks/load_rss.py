@@ -1,5 +1,5 @@
 """Host RAM of loading a ChatTS checkpoint folder under ZeRO-3, per rank: this project's loader (each rank
-reads only its partitions, chatts_train/weights.py) against transformers' ZeRO-3 `from_pretrained`.
+reads only its partitions, chatts_train/fit/weights.py) against transformers' ZeRO-3 `from_pretrained`.
 
     torchrun --nproc_per_node 2 benchmarks/load_rss.py --model DIR --loader ours|transformers [--offload param]
 
@@ -19,12 +19,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def main() -> None:
     import torch
 
-    from chatts_train.dsconfig import load_ds_config
-    from chatts_train.engine import init_process
-    from chatts_train.hostmem import peak_rss_gib, rss_gib
-    from chatts_train.loading import build_model
-    from chatts_train.metrics import gather_named
-    from chatts_train.modeling import load_model
+    from chatts_train.fit.dsconfig import load_ds_config
+    from chatts_train.training.engine import init_process
+    from chatts_train.fit.hostmem import peak_rss_gib, rss_gib
+    from chatts_train.fit.loading import build_model
+    from chatts_train.training.metrics import gather_named
+    from chatts_train.model.modeling import load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)

@@ -95,9 +95,9 @@ def summarise(prof, wall: float, host: dict) -> dict:
 
 
 def main() -> None:
-    import chatts_train.loop as loop
-    from chatts_train.config import TrainConfig, parse_config
-    from chatts_train.data import SampleReader
+    import chatts_train.training.loop as loop
+    from chatts_train.training.config import TrainConfig, parse_config
+    from chatts_train.data.indexing import SampleReader
 
     argv = sys.argv[1:]
     at = argv.index("--budget_step") if "--budget_step" in argv else None

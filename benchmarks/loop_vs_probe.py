@@ -1,5 +1,5 @@
 """Put a training run's own per-step memory peaks (metrics.jsonl) beside memprobe's for the same sequence
-length; one JSON line plus a Markdown row. Used by real_job.sh.
+length; one JSON line plus a Markdown row. Used by gpu_variants.sh's x2_real_* variants.
 
     python benchmarks/loop_vs_probe.py RUN_DIR PROBE_JSON
 """

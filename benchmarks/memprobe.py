@@ -9,7 +9,7 @@ Runs what `train()` runs: its set-up (`init_process`, `load_ds_config`, `prepare
 and token scale, for a few micro-steps and at least one optimizer step on one worst-case sequence (text +
 5000-point series, as in the users' data). With `--model` the folder is loaded as the job loads it; without,
 the shape is built from config alone (`--release`, or `--config FILE`), without weights (values don't matter
-for memory or speed). An OOM is a result, not a crash. benchmarks/real_job.sh checks it against the job.
+for memory or speed). An OOM is a result, not a crash. gpu_variants.sh's x2_real_* variants check it against the job.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from instruments import (GiB, DeviceSampler, PhasePeaks, count_traffic, kernel_b
 
 
 def parse(argv=None) -> argparse.Namespace:
-    from chatts_train.dsconfig import OFFLOAD_CHOICES
+    from chatts_train.fit.dsconfig import OFFLOAD_CHOICES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-offload", action="store_true", help="same as --offload none")
@@ -103,8 +103,8 @@ def probe_batch(seq_len: int, spec, vocab: int, answer: int = 64, seed: int = 0)
     import torch
 
     from chatts_train.tokens import IGNORE_INDEX, TS_TOKEN_ID
-    from chatts_train.processor import Encoded
-    from chatts_train.timeseries import encoder_rows, normalise
+    from chatts_train.model.processor import Encoded
+    from chatts_train.model.timeseries import encoder_rows, normalise
 
     rng = np.random.default_rng(seed)
     per_series = spec.num_patches(5000)
@@ -137,16 +137,16 @@ def worker(a: argparse.Namespace) -> None:
     its own micro-step and token scale, on a synthetic batch of the probed length."""
     import torch
 
-    from chatts_train.batching import collate, pack
-    from chatts_train.config import TrainConfig
-    from chatts_train.dsconfig import load_ds_config
-    from chatts_train.engine import describe_setup, init_process, loss_scale, prepare_engine
-    from chatts_train.hostmem import host_need_gib, peak_rss_gib, rss_gib
-    from chatts_train.loop import micro_step, step_token_scale
-    from chatts_train.modeling import check_checkpoint
-    from chatts_train.dsconfig import precision
-    from chatts_train.plan import Shape, apply_to_ds, plan_run, predict_peak_gib, step_seconds
-    from chatts_train.weights import checkpoint_bytes, largest_shard_bytes
+    from chatts_train.model.batching import collate, pack
+    from chatts_train.training.config import TrainConfig
+    from chatts_train.fit.dsconfig import load_ds_config
+    from chatts_train.training.engine import describe_setup, init_process, loss_scale, prepare_engine
+    from chatts_train.fit.hostmem import host_need_gib, peak_rss_gib, rss_gib
+    from chatts_train.training.loop import micro_step, step_token_scale
+    from chatts_train.model.modeling import check_checkpoint
+    from chatts_train.fit.dsconfig import precision
+    from chatts_train.fit.plan import Shape, apply_to_ds, plan_run, predict_peak_gib, step_seconds
+    from chatts_train.model.shards import checkpoint_bytes, largest_shard_bytes
 
     ours = a.recipe != "hf"  # this project's options (and --zero's knobs) apply to ours, never to the usual recipe
     pin = (lambda on, value=True: value if ours and on else None)
@@ -288,8 +288,8 @@ def worker(a: argparse.Namespace) -> None:
 
 def shape_config(a: argparse.Namespace):
     """The model shape without weights: a config.json (`--config`) or the published 14B config (`--release`)."""
-    from chatts_train.modeling import ChatTSConfig, read_chatts_config
-    from chatts_train.published import chatts_config
+    from chatts_train.model.modeling import ChatTSConfig, read_chatts_config
+    from chatts_train.model.published import chatts_config
 
     raw = read_chatts_config(os.path.dirname(os.path.abspath(a.config))) if a.config else chatts_config(a.release)
     raw.pop("model_type", None)
@@ -300,8 +300,8 @@ def shape_config(a: argparse.Namespace):
 
 def size_from_data(a: argparse.Namespace) -> None:
     """With --data, probe the longest kept sample and count the samples for the job estimate."""
-    from chatts_train.data import index_data, resolve_sources
-    from chatts_train.processor import ChatTSProcessor
+    from chatts_train.data.indexing import index_data, resolve_sources
+    from chatts_train.model.processor import ChatTSProcessor
 
     source = a.tokenizer or a.model
     if not source:
@@ -359,7 +359,7 @@ def last_error(text: str) -> str:
 
 
 def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -> dict:
-    from chatts_train.published import chatts_config
+    from chatts_train.model.published import chatts_config
 
     ok = all(r.get("ok") for r in ranks)
     source = a.model and os.path.join(a.model, "config.json") or a.config
@@ -417,7 +417,7 @@ def per_key_max(ranks: list[dict], key: str) -> dict:
     return {k: round(max(r.get(key, {}).get(k, 0.0) for r in ranks), 2) for k in sorted(names)}
 
 
-# what took ChatTS-14B at 4,096 tokens from 20.8 to 17.9 GiB device-level under a 22 GiB cap (RESULTS.md section 8)
+# what took ChatTS-14B at 4,096 tokens from 20.8 to 17.9 GiB device-level under a 22 GiB cap (HISTORY.md section 8)
 KNOBS = ("the layer checkpoints in host memory (--checkpoints-on-cpu here, --checkpoints_on_cpu in training; "
          "-1.8 GiB allocated at 4,096 tokens on 14B), PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,"
          "garbage_collection_threshold:0.7 with a per-process cap (--gpu-mem-gb here, --gpu_memory_cap_gib in "

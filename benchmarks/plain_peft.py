@@ -34,9 +34,9 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers.modeling_utils import no_init_weights
 
-    from chatts_train.batching import collate
-    from chatts_train.loading import default_dtype, fill_random
-    from chatts_train.modeling import ChatTSForCausalLM
+    from chatts_train.model.batching import collate
+    from chatts_train.fit.loading import default_dtype, fill_random
+    from chatts_train.model.modeling import ChatTSForCausalLM
     from instruments import GiB, steady_median
     from memprobe import probe_batch, shape_config
 

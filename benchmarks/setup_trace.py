@@ -51,10 +51,10 @@ def peak_of(trace: list[dict]) -> dict:
 def main() -> None:
     import torch
 
-    from chatts_train.config import TrainConfig
-    from chatts_train.dsconfig import load_ds_config
-    from chatts_train.engine import init_process, prepare_engine
-    from chatts_train.plan import apply_to_ds, reference_plan
+    from chatts_train.training.config import TrainConfig
+    from chatts_train.fit.dsconfig import load_ds_config
+    from chatts_train.training.engine import init_process, prepare_engine
+    from chatts_train.fit.plan import apply_to_ds, reference_plan
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/setup_trace")

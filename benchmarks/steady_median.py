@@ -1,9 +1,9 @@
 """A memprobe report's step time as memprobe computes it since b0d0884: per rank, the median of the micro-steps
 after the first optimizer step, leaving out the profiled one (n - 2) when the report was profiled; then the
 slower rank. Reports made before that fix kept the profiled micro-step in every rank but rank 0's median, where
-rank 1 waited for rank 0's profiler tables (benchmarks/RESULTS.md section 7).
+rank 1 waited for rank 0's profiler tables (benchmarks/HISTORY.md section 7).
 
-    python benchmarks/steady_median.py benchmarks/results/*.json
+    python benchmarks/steady_median.py benchmarks/results/h200x2/memprobe/*.json
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
-    from chatts_train.modeling import ChatTSConfig, ChatTSForCausalLM
-    from chatts_train.published import chatts_config
+    from chatts_train.model.modeling import ChatTSConfig, ChatTSForCausalLM
+    from chatts_train.model.published import chatts_config
     from chatts_train.standins.checkpoint import write_checkpoint_files
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -2,6 +2,11 @@
 
 Everything a custom loop needs is importable from here; `train()` is the whole job. Names are imported on
 first use, so `import chatts_train.errors` or `chatts-train --help` does not pay for DeepSpeed.
+
+The folders, each built only on those before it: `model` (ChatTS and its inputs), `data` (indexing,
+sampling), `fit` (the plan and fitting 14B onto the cards), `formats` (the adapter and run record a run
+leaves), `use` (generate, evaluate, merge), `training` (the loop and all it needs); `errors`, `tokens` and
+`ranks` are below them all, `cli` above. `standins` makes the tiny checkpoint and the synthetic data.
 """
 from __future__ import annotations
 
@@ -9,23 +14,23 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "adapter": ["read_adapter", "save_adapter", "trainable_state_dict"],
-    "checkpoint": ["load_resume", "save_resume"],
-    "batching": ["collate", "pack"],
-    "config": ["TrainConfig", "check_config", "parse_config"],
-    "data": ["DataIndex", "SampleReader", "epoch_order", "index_data", "resolve_sources", "split"],
-    "dsconfig": ["load_ds_config"],
-    "engine": ["build_engine", "check_training_mode", "describe_setup", "init_process", "prepare_engine"],
+    "formats.adapter": ["read_adapter", "save_adapter", "trainable_state_dict"],
+    "training.checkpoint": ["load_resume", "save_resume"],
+    "model.batching": ["collate", "pack"],
+    "training.config": ["TrainConfig", "check_config", "parse_config"],
+    "data.indexing": ["DataIndex", "SampleReader", "epoch_order", "index_data", "resolve_sources", "split"],
+    "fit.dsconfig": ["load_ds_config"],
+    "training.engine": ["build_engine", "check_training_mode", "describe_setup", "init_process", "prepare_engine"],
     "errors": ["ChatTSTrainError", "CheckpointError", "DataError", "TrainingError"],
-    "loading": ["build_model"],
-    "lora": ["add_lora"],
-    "loop": ["micro_step", "step_token_scale", "train"],
-    "modeling": ["ChatTSConfig", "ChatTSForCausalLM", "load_model"],
-    "plan": ["Cards", "Pins", "Plan", "Shape", "apply_to_ds", "choose", "plan_run", "predict_peak_gib", "reference_plan"],
-    "processor": ["ChatTSProcessor"],
-    "run": ["Run", "index_on_rank0", "setup"],
-    "sampler": ["Sampler", "pack_plan"],
-    "vocab_parallel": ["cross_entropy_sum", "embedding_lookup"],
+    "fit.loading": ["build_model"],
+    "training.lora": ["add_lora"],
+    "training.loop": ["micro_step", "step_token_scale", "train"],
+    "model.modeling": ["ChatTSConfig", "ChatTSForCausalLM", "load_model"],
+    "fit.plan": ["Cards", "Pins", "Plan", "Shape", "apply_to_ds", "choose", "plan_run", "predict_peak_gib", "reference_plan"],
+    "model.processor": ["ChatTSProcessor"],
+    "training.run": ["Run", "index_on_rank0", "setup"],
+    "data.sampler": ["Sampler", "pack_plan"],
+    "fit.vocab_parallel": ["cross_entropy_sum", "embedding_lookup"],
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = sorted(_MODULE_OF)

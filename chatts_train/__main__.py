@@ -1,4 +1,4 @@
 """`python -m chatts_train [train options]`: the training job, as launch.sh starts it on every rank."""
-from .loop import main
+from .training.loop import main
 
 main()

@@ -13,8 +13,8 @@ from .tokens import TS_TOKEN_ID
 
 
 def _inspect_data(args: argparse.Namespace) -> None:
-    from .data import SampleReader, describe, index_data, resolve_sources
-    from .processor import ChatTSProcessor
+    from .data.indexing import SampleReader, describe, index_data, resolve_sources
+    from .model.processor import ChatTSProcessor
 
     processor = ChatTSProcessor.from_pretrained(args.model_path)
     index = index_data(resolve_sources(args.data, args.dataset_dir), processor, args.cutoff_len, args.strict_data)
@@ -73,19 +73,19 @@ def _make_data(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .generate import run_generate
+    from .use.generate import run_generate
 
     run_generate(args)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .evaluate import run_eval
+    from .use.evaluate import run_eval
 
     run_eval(args)
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .merge import merge
+    from .use.merge import merge
 
     print(f"merged checkpoint written to {merge(args.model, args.adapter, args.out)}")
 
@@ -117,11 +117,11 @@ def _plan(argv: list[str]) -> None:
     was not chosen, without loading the model."""
     import torch
 
-    from .config import TrainConfig, parse_config
-    from .dsconfig import precision, run_ds_config
+    from .training.config import TrainConfig, parse_config
+    from .fit.dsconfig import precision, run_ds_config
     from .errors import ConfigError
-    from .modeling import config_of
-    from .plan import Cards, Shape, choose, detect_cards, format_candidates, pins_of
+    from .model.modeling import config_of
+    from .fit.plan import Cards, Shape, choose, detect_cards, format_candidates, pins_of
 
     cfg, target = parse_config((TrainConfig, PlanTarget), argv)
     per_node = target.gpus or max(torch.cuda.device_count(), 1)
@@ -147,9 +147,9 @@ def _plan(argv: list[str]) -> None:
 
 def _longest_micro_step(cfg, ds: dict, world: int) -> int:
     """The run's longest micro-step from its data, as training samples it; the cutoff without data."""
-    from .data import index_data, resolve_sources, split
-    from .processor import ChatTSProcessor
-    from .sampler import Sampler
+    from .data.indexing import index_data, resolve_sources, split
+    from .model.processor import ChatTSProcessor
+    from .data.sampler import Sampler
 
     try:
         sources = resolve_sources(cfg.data, cfg.dataset_dir)
@@ -165,7 +165,7 @@ def _longest_micro_step(cfg, ds: dict, world: int) -> int:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # the dataclass CLI owns all of train's options
-        from .loop import main as train_main
+        from .training.loop import main as train_main
 
         return train_main(argv[1:])
     if argv[:1] == ["plan"]:

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from chatts_train.processor import ChatTSProcessor
+from chatts_train.model.processor import ChatTSProcessor
 from chatts_train.standins.checkpoint import make_tiny_checkpoint
 from chatts_train.standins.synthetic import write_anomaly_dataset, write_datasets, write_series_task
 

@@ -18,13 +18,13 @@ import torch.distributed as dist
 
 from chatts_train import (TrainConfig, build_model, describe_setup, load_ds_config, load_resume, micro_step,
                           prepare_engine, step_token_scale, train)
-from chatts_train.engine import decoder_layers
-from chatts_train.batching import collate
-from chatts_train.data import index_data, resolve_sources
+from chatts_train.training.engine import decoder_layers
+from chatts_train.model.batching import collate
+from chatts_train.data.indexing import index_data, resolve_sources
 from chatts_train.errors import CheckpointError, TrainingError
-from chatts_train.modeling import load_model
-from chatts_train.plan import Plan, apply_to_ds
-from chatts_train.processor import ChatTSProcessor
+from chatts_train.model.modeling import load_model
+from chatts_train.fit.plan import Plan, apply_to_ds
+from chatts_train.model.processor import ChatTSProcessor
 
 OUT, CKPT = sys.argv[1], sys.argv[2]
 RESULTS: dict = {}
@@ -234,7 +234,7 @@ def training_mode_and_setup():
 def loader_matches_transformers():
     """Each rank's ZeRO-3 partitions, read straight from the shards (weights.py), equal what transformers'
     loader puts there: with and without parameter offload, partitioned or persistent small weights."""
-    from chatts_train.modeling import load_model
+    from chatts_train.model.modeling import load_model
 
     diffs = {}
     for name, zero in {"persistence_0": {"stage3_param_persistence_threshold": 0},
@@ -272,8 +272,8 @@ def loss_weighting():
     process taking the mean over all answer tokens of the same 8 samples (of different answer lengths)."""
     import deepspeed
 
-    from chatts_train.adapter import trainable_state_dict
-    from chatts_train.lora import add_lora
+    from chatts_train.formats.adapter import trainable_state_dict
+    from chatts_train.training.lora import add_lora
 
     processor = ChatTSProcessor.from_pretrained(CKPT)
     pad = processor.tokenizer.pad_token_id
@@ -417,7 +417,7 @@ def learns_from_series():
                              eval_at_end=True, eval_max_new_tokens=4))
     res = {}
     if dist.get_rank() == 0:
-        from chatts_train.data import split
+        from chatts_train.data.indexing import split
 
         processor = ChatTSProcessor.from_pretrained(CKPT)
         with open(os.path.join(OUT, "anomaly.jsonl")) as f:
@@ -448,7 +448,7 @@ def learns_from_series():
         # `chatts-train eval --run DIR`: model, adapter and held-out split from the run's record alone
         from argparse import Namespace
 
-        from chatts_train.evaluate import run_eval
+        from chatts_train.use.evaluate import run_eval
 
         res["eval_run"] = run_eval(Namespace(run=out_dir, model=None, adapter=None, device="cpu", batch_size=8,
                                              max_new_tokens=4, out=os.path.join(OUT, "eval_run")))
@@ -490,7 +490,7 @@ def fp16_loss_scaling():
     # NaN losses for max_bad_steps steps in a row stop the run
     try:
         train(base_cfg(data=data, ds_config=ds, output_dir=os.path.join(OUT, "nan"), max_steps=5, fp16=True,
-                       max_bad_steps=2), step_with(lambda n, r, e, b, s: (float("nan"), r(e, b, s)[1])))
+                       max_bad_steps=2), step_with(lambda n, r, e, b, s: r(e, b, s) * float("nan")))
         out["nan"] = "no error"
     except TrainingError as e:
         out["nan"] = str(e)

@@ -1,4 +1,4 @@
-"""The training job's entry point (`chatts_train.loop.main`) with a fault injected on rank 1 only, at its
+"""The training job's entry point (`chatts_train.training.loop.main`) with a fault injected on rank 1 only, at its
 third micro-step: a CUDA out-of-memory error, or with FAULT=kill a SIGKILL of its own process (what the
 kernel's out-of-memory killer does). Run by test_errors.py under DeepSpeed's launcher."""
 import os
@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from chatts_train.loop import main, micro_step
+from chatts_train.training.loop import main, micro_step
 
 
 def oom_on_rank1(engine, batch, token_scale):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from chatts_train.config import TrainConfig, check_config, parse_config
+from chatts_train.training.config import TrainConfig, check_config, parse_config
 from chatts_train.errors import ConfigError
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -38,7 +38,7 @@ def test_command_line_rejects_unknown_options_and_reads_booleans():
 
 
 def test_an_encoder_lr_of_zero_freezes_the_encoder_instead_of_using_the_lr():
-    from chatts_train.optim import make_optimizer
+    from chatts_train.training.optim import make_optimizer
 
     model = torch.nn.Module()
     model.ts_encoder = torch.nn.Linear(2, 2)
@@ -58,7 +58,7 @@ def test_package_names_load_lazily_and_light_modules_stay_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]  # `chatts-train --help`, inspect-data --help and merge start without them
     import chatts_train
-    import chatts_train.loop  # noqa: F401  (imports most submodules: none may shadow an exported name)
+    import chatts_train.training.loop  # noqa: F401  (imports most submodules: none may shadow an exported name)
 
     for name in chatts_train.__all__:
         assert not isinstance(getattr(chatts_train, name), types.ModuleType), name
@@ -76,7 +76,7 @@ def test_an_output_dir_that_holds_a_run_is_not_overwritten_by_accident(tiny, tmp
 
 
 def test_an_allocator_setting_that_cannot_act_is_named(monkeypatch):
-    from chatts_train.engine import allocator_note
+    from chatts_train.training.engine import allocator_note
 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,garbage_collection_threshold:0.7")
     assert "--gpu_memory_cap_gib" in allocator_note(None)
@@ -107,7 +107,7 @@ WITH_OPTIMIZER = {**LF_Z3, "optimizer": {"type": "AdamW", "params": {"lr": "auto
 
 @pytest.mark.parametrize("shape", [LF_Z3, LF_Z2, WITH_OPTIMIZER], ids=["ds_z3", "ds_z2", "with_optimizer"])
 def test_trainer_style_auto_values_take_the_runs_own(tiny, tmp_path, shape):
-    from chatts_train.dsconfig import run_ds_config
+    from chatts_train.fit.dsconfig import run_ds_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(shape))

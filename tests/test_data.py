@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from chatts_train.data import SampleReader, describe, epoch_order, index_data, resolve_sources, split
+from chatts_train.data.indexing import SampleReader, describe, epoch_order, index_data, resolve_sources, split
 from chatts_train.errors import DataError
-from chatts_train.processor import chat_prompt
+from chatts_train.model.processor import chat_prompt
 
 from conftest import write_jsonl
 
@@ -127,7 +127,7 @@ def test_inspect_data_cli_prints_the_table(synthetic, tiny):
 
 
 def test_schedule_and_packing_plan(synthetic, processors):
-    from chatts_train.sampler import Sampler, pack_plan
+    from chatts_train.data.sampler import Sampler, pack_plan
 
     index = index_data(resolve_sources("gdsh,hbsn,whlj,zhlh", synthetic), processors["0801"], 8192)
     tr, _ = split(index, 0, seed=0)

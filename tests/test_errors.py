@@ -121,7 +121,7 @@ def test_a_missing_shard_is_one_line_before_any_process_group(tiny, tmp_path):
 
 
 def test_a_full_disk_during_a_save_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from chatts_train.checkpoint import latest_resume, save_resume
+    from chatts_train.training.checkpoint import latest_resume, save_resume
     from chatts_train.errors import RankError
 
     root = tmp_path / "checkpoints"
@@ -143,7 +143,7 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_last_good_checkpoint(t
 
 
 def test_resume_without_a_latest_file_takes_the_newest_complete_checkpoint(tmp_path):
-    from chatts_train.checkpoint import latest_resume
+    from chatts_train.training.checkpoint import latest_resume
     from chatts_train.errors import CheckpointError
 
     root = tmp_path / "checkpoints"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from chatts_train.batching import collate
+from chatts_train.model.batching import collate
 from chatts_train.errors import CheckpointError
-from chatts_train.evaluate import keywords, numeric, score, score_by_dataset
-from chatts_train.generate import generate, load_adapter, load_for_inference
-from chatts_train.merge import merge
-from chatts_train.modeling import load_model
+from chatts_train.use.evaluate import keywords, numeric, score, score_by_dataset
+from chatts_train.use.generate import generate, load_adapter, load_for_inference
+from chatts_train.use.merge import merge
+from chatts_train.model.modeling import load_model
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,8 @@ def test_generate_cli_with_prompt_and_csv_series(tiny, adapter, tmp_path):
 
 def test_bad_questions_get_file_line_reports_like_training(tiny, tmp_path):
     from chatts_train.errors import DataError
-    from chatts_train.generate import read_questions
-    from chatts_train.modeling import check_checkpoint
+    from chatts_train.use.generate import read_questions
+    from chatts_train.model.modeling import check_checkpoint
 
     spec = check_checkpoint(tiny["0801"]).ts_spec
     path = tmp_path / "q.jsonl"
@@ -153,8 +153,8 @@ def test_bad_questions_get_file_line_reports_like_training(tiny, tmp_path):
 
 
 def test_a_truncated_shard_or_broken_config_is_named(tiny, tmp_path):
-    from chatts_train.modeling import check_checkpoint
-    from chatts_train.processor import ChatTSProcessor
+    from chatts_train.model.modeling import check_checkpoint
+    from chatts_train.model.processor import ChatTSProcessor
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny["0801"], bad)

@@ -25,7 +25,7 @@ def probe(*args: str, port: str) -> dict:
 
 @pytest.mark.slow
 def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, processors, tmp_path):
-    from chatts_train.data import index_data, resolve_sources
+    from chatts_train.data.indexing import index_data, resolve_sources
 
     out = tmp_path / "ds_no_offload.json"
     rep = probe("--model", tiny["0801"], "--no-offload", "--data", "hbsn", "--dataset-dir", synthetic, "--grad-accum",
@@ -132,7 +132,7 @@ def test_kernel_budget_splits_a_micro_step_into_compute_exposed_communication_co
 
 
 def test_job_estimate_from_measured_bytes_efficiency_and_idle():
-    from chatts_train.published import chatts_config
+    from chatts_train.model.published import chatts_config
 
     cfg = chatts_config("0801")
     _, hw = estimate_job.flops_per_micro_step(cfg, 4096)

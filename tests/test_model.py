@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatts_train.batching import collate, pack
+from chatts_train.model.batching import collate, pack
 from chatts_train.errors import CheckpointError
-from chatts_train.modeling import ChatTSForCausalLM, load_model
-from chatts_train.published import chatts_config
+from chatts_train.model.modeling import ChatTSForCausalLM, load_model
+from chatts_train.model.published import chatts_config
 
 
 def published_keys(release, layers, hidden, inter, kv, vocab=152064):
@@ -50,8 +50,8 @@ def test_tiny_checkpoint_has_published_keys_and_format(tiny, release):
 
 
 def test_14b_shape_from_config_has_published_keys():
-    from chatts_train.published import chatts_config
-    from chatts_train.modeling import ChatTSConfig
+    from chatts_train.model.published import chatts_config
+    from chatts_train.model.modeling import ChatTSConfig
 
     cfg = chatts_config("0801", num_hidden_layers=1)  # one layer: same key pattern and shapes, small to build
     cfg.pop("model_type")
@@ -167,8 +167,8 @@ def test_checkpoint_round_trip_and_errors(tiny, tmp_path):
 
 
 def test_lora_targets_and_encoder_options(tiny):
-    from chatts_train.config import TrainConfig
-    from chatts_train.lora import add_lora
+    from chatts_train.training.config import TrainConfig
+    from chatts_train.training.lora import add_lora
 
     def lora_modules(**kw):
         model = add_lora(load_model(tiny["0801"], dtype=torch.float32), TrainConfig(**kw), recompute_layers=0)
@@ -185,7 +185,7 @@ def test_lora_targets_and_encoder_options(tiny):
 
 
 def test_pinned_chunks_pack_partitions_without_overlap_or_rounding():
-    from chatts_train.hostmem import PinnedChunks
+    from chatts_train.fit.hostmem import PinnedChunks
 
     chunks = PinnedChunks(chunk_bytes=1 << 20, pin=False)  # pinning itself needs CUDA; the packing does not
     sizes = [300_000, 100_000, 200_000, 5, 700_000, 3_000_000, 1]  # fp16 elements; one is bigger than a chunk
@@ -200,7 +200,7 @@ def test_pinned_chunks_pack_partitions_without_overlap_or_rounding():
 
 
 def test_default_dtype_builds_in_the_runs_dtype_and_restores_torchs():
-    from chatts_train.loading import default_dtype
+    from chatts_train.fit.loading import default_dtype
 
     with pytest.raises(RuntimeError), default_dtype(torch.float16):
         assert torch.nn.Linear(4, 4).weight.dtype == torch.float16  # zero.Init converts nothing then
@@ -253,7 +253,7 @@ def _qwen2_layer(dtype, device="cpu", train_norms=True):
 def test_lean_activations_match_transformers_and_keep_less(dtype):
     import copy
 
-    from chatts_train.lean_activations import keep_fewer_activations
+    from chatts_train.fit.lean_activations import keep_fewer_activations
 
     ref, x, pe, pos, grad = _qwen2_layer(dtype)
     seq, hidden = x.shape[1:]
@@ -288,7 +288,7 @@ def test_fused_kernels_match_the_eager_ones_and_compile_ahead(dtype):
 
     from torch._dynamo.utils import counters
 
-    from chatts_train.lean_activations import EAGER, compile_ahead, fused_kernels, keep_fewer_activations, lean_modules
+    from chatts_train.fit.lean_activations import EAGER, compile_ahead, fused_kernels, keep_fewer_activations, lean_modules
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     eager, x, pe, pos, grad = _qwen2_layer(dtype, device, train_norms=False)  # frozen, as under LoRA
@@ -313,11 +313,11 @@ def test_fused_kernels_match_the_eager_ones_and_compile_ahead(dtype):
 
 
 def test_fused_kernels_that_fail_to_compile_stop_set_up_with_the_way_out(tiny, monkeypatch):
-    import chatts_train.engine as engine
-    from chatts_train.config import TrainConfig
+    import chatts_train.training.engine as engine
+    from chatts_train.training.config import TrainConfig
     from chatts_train.errors import TrainingError
-    from chatts_train.lean_activations import Kernels
-    from chatts_train.plan import reference_plan
+    from chatts_train.fit.lean_activations import Kernels
+    from chatts_train.fit.plan import reference_plan
 
     def no_compiler(*args):
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
@@ -331,7 +331,7 @@ def test_fused_kernels_that_fail_to_compile_stop_set_up_with_the_way_out(tiny, m
 
 
 def test_whole_layer_gathers_keep_a_layer_from_recompute_to_backward(tiny):
-    from chatts_train.engine import decoder_layers, gather_whole_layers
+    from chatts_train.training.engine import decoder_layers, gather_whole_layers
 
     model = load_model(tiny["0801"], dtype=torch.float32)
     layers = decoder_layers(model)
@@ -352,9 +352,9 @@ def test_selective_recompute_gives_the_gradients_of_full_recompute(tiny, process
     differs."""
     import numpy as np
 
-    from chatts_train.batching import collate
-    from chatts_train.config import TrainConfig
-    from chatts_train.lora import add_lora
+    from chatts_train.model.batching import collate
+    from chatts_train.training.config import TrainConfig
+    from chatts_train.training.lora import add_lora
 
     processor = processors["0801"]
     rng = np.random.default_rng(0)

@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from chatts_train.config import TrainConfig
-from chatts_train.modeling import ChatTSConfig
-from chatts_train.plan import (Cards, Pins, Plan, Shape, apply_to_ds, choose, env_settings, next_down, pins_of,
+from chatts_train.training.config import TrainConfig
+from chatts_train.model.modeling import ChatTSConfig
+from chatts_train.fit.plan import (Cards, Pins, Plan, Shape, apply_to_ds, choose, env_settings, next_down, pins_of,
                                predict_peak_gib)
-from chatts_train.published import chatts_config
+from chatts_train.model.published import chatts_config
 
 SHAPE = Shape.of(ChatTSConfig(**{k: v for k, v in chatts_config("0801").items() if k != "model_type"}), 2)
 
@@ -19,7 +19,8 @@ def plan(stage, whole, k, host=False, offload=False, compiled=False):
 
 
 # Peak allocated GiB per GPU measured on H200 with ChatTS-14B-0801, fp16, LoRA r8 q/k/v (benchmarks/RESULTS.md,
-# "Plans": memprobe and the loop through launch.sh, 2026-12-01; the 2-GPU rows from section 8, 2026-11-30)
+# "Plans" and "The launch-bound micro-step": memprobe and the loop through launch.sh, 2026-12-01; the 2-GPU rows
+# from HISTORY.md section 8, 2026-11-30)
 MEASURED = [
     (plan(2, False, 0), 1, 4096, 48.69), (plan(2, False, 0), 1, 1600, 36.19),
     (plan(2, False, 24), 1, 4096, 39.56), (plan(2, False, 24), 1, 1600, 32.60),

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from chatts_train.tokens import IGNORE_INDEX, TS_TOKEN_ID
-from chatts_train.processor import chat_prompt, expand_placeholders
-from chatts_train.timeseries import TSSpec, encoder_rows, normalise
+from chatts_train.model.processor import chat_prompt, expand_placeholders
+from chatts_train.model.timeseries import TSSpec, encoder_rows, normalise
 
 
 def test_0801_prefix_matches_a_real_chatts_prompt(processors):
@@ -61,7 +61,7 @@ def test_mixed_batch_positions_labels_and_masks(processors):
     samples = [proc.encode_chat("no series here", [], answer="ok"),
                proc.encode_chat("<ts><ts/> and <ts><ts/>", [rng.normal(size=20), rng.normal(size=3)], answer="two"),
                proc.encode_chat("one <ts><ts/>", [rng.normal(size=100)], answer="one series")]
-    from chatts_train.batching import collate
+    from chatts_train.model.batching import collate
 
     b = collate(samples, pad_id=proc.tokenizer.pad_token_id)
     assert b["input_ids"].shape == (3, max(len(s) for s in samples))

@@ -24,7 +24,7 @@ def zero3_weight(full: torch.Tensor, rank: int, world: int) -> SimpleNamespace:
 
 
 def worker(rank: int, port: int, results) -> None:
-    from chatts_train import vocab_parallel
+    from chatts_train.fit import vocab_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)

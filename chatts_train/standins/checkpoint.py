@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from ..modeling import ChatTSConfig, ChatTSForCausalLM
-from ..published import TINY, chatts_config
+from ..model.modeling import ChatTSConfig, ChatTSForCausalLM
+from ..model.published import TINY, chatts_config
 from .tokenizer import build_qwen_tokenizer
 
 _TOKENIZER_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "chatts_train", "qwen2.5-tokenizer")

@@ -1,0 +1,58 @@
+"""Batching: pad token sequences and pack every encoder row of the batch into one flat tensor.
+
+The model runs the encoder once per step over all rows and writes row k to the k-th `<ts>` token of the
+[batch, seq] grid in row-major order, which is the order the rows are concatenated in here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..tokens import IGNORE_INDEX, TS_TOKEN_ID
+
+
+def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """`samples` are `processor.Encoded`. Right padding for training, left for batched generation."""
+    width = max(len(s) for s in samples)
+    batch = len(samples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    has_labels = samples[0].labels is not None
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    for b, s in enumerate(samples):
+        cols = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+        input_ids[b, cols] = s.input_ids
+        attention_mask[b, cols] = 1
+        if has_labels:
+            labels[b, cols] = s.labels
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "ts_patches": torch.cat([s.ts_patches for s in samples]),
+        "ts_positions": torch.cat([s.ts_positions for s in samples]),
+    }
+    n_ts = int((input_ids == TS_TOKEN_ID).sum())  # padding is pad_id, never `<ts>`
+    if n_ts != len(out["ts_patches"]):
+        raise ValueError(f"{n_ts} `<ts>` positions for {len(out['ts_patches'])} encoder rows")
+    if has_labels:
+        out["labels"] = labels
+    return out
+
+
+def pack(samples: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
+    """Several samples in one row: positions restart at each sample and, with no attention mask,
+    transformers builds a block-diagonal causal mask from those positions, so attention stays within each
+    sample. One micro-step then pays ZeRO-3's weight gathering once for the whole pack."""
+    ids = torch.cat([s.input_ids for s in samples])
+    joined = type(samples[0])(
+        input_ids=ids,
+        ts_patches=torch.cat([s.ts_patches for s in samples]),
+        ts_positions=torch.cat([s.ts_positions for s in samples]),
+        labels=torch.cat([s.labels for s in samples]) if samples[0].labels is not None else None,
+    )
+    out = collate([joined], pad_id)
+    out["position_ids"] = torch.cat([torch.arange(len(s)) for s in samples]).unsqueeze(0)
+    # No label crosses a sample boundary: each sample starts with its (unlabelled) prompt.
+    del out["attention_mask"]
+    return out
