@@ -128,7 +128,8 @@ def _plan(argv: list[str]) -> None:
     world = per_node * target.nodes
     config = config_of(cfg.model_path)
     ds = run_ds_config(cfg, world, config.hidden_size, torch.float16 if cfg.fp16 is not False else None)
-    positions = target.positions or _longest_micro_step(cfg, ds, world)
+    longest, micro_steps = _run_length(cfg, ds, world)
+    positions = target.positions or longest
     if target.gpu_gib or cfg.gpu_memory_cap_gib or not torch.cuda.is_available():
         # cards named by their size: CUDA GPUs with the Triton that PyTorch's Linux wheels bring
         cards = Cards(per_node, target.nodes, target.gpu_gib or cfg.gpu_memory_cap_gib or 0.0, cfg.gpu_memory_cap_gib,
@@ -140,13 +141,14 @@ def _plan(argv: list[str]) -> None:
     if target.host_gbps:
         cards = replace(cards, host_gbps=target.host_gbps)
     shape = Shape.of(config, precision(ds).itemsize)
-    _, ranked = choose(shape, cards, positions, pins_of(cfg, ds, shape.layers), cfg.packing, cfg.plan)
+    _, ranked = choose(shape, cards, positions, pins_of(cfg, ds, shape.layers), cfg.packing, cfg.plan, micro_steps)
     print(format_candidates(ranked, positions, cards))
     print(f"pin a plan with its options, e.g. {ranked[0].plan.flags()}")
 
 
-def _longest_micro_step(cfg, ds: dict, world: int) -> int:
-    """The run's longest micro-step from its data, as training samples it; the cutoff without data."""
+def _run_length(cfg, ds: dict, world: int) -> tuple[int, Optional[int]]:
+    """The run's longest micro-step and its micro-steps per rank, from its data as training samples it; the
+    cutoff and None (many) without data."""
     from .data.indexing import index_data, resolve_sources, split
     from .model.processor import ChatTSProcessor
     from .data.sampler import Sampler
@@ -154,12 +156,13 @@ def _longest_micro_step(cfg, ds: dict, world: int) -> int:
     try:
         sources = resolve_sources(cfg.data, cfg.dataset_dir)
     except ChatTSTrainError:
-        return cfg.cutoff_len
+        return cfg.cutoff_len, None
     index = index_data(sources, ChatTSProcessor.from_pretrained(cfg.model_path), cfg.cutoff_len, cfg.strict_data)
     train_ids, _ = split(index, cfg.val_size, cfg.seed)
     sampler = Sampler(index, train_ids, cfg.seed, ds["train_micro_batch_size_per_gpu"], world,
                       ds["gradient_accumulation_steps"], pack_to=cfg.cutoff_len if cfg.packing else 0)
-    return sampler.longest(sampler.total_steps(cfg.num_epochs, cfg.max_steps))
+    steps = sampler.total_steps(cfg.num_epochs, cfg.max_steps)
+    return sampler.longest(steps), steps * ds["gradient_accumulation_steps"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:

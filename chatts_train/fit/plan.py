@@ -269,6 +269,9 @@ HOST_CHECKPOINTS_FACTOR = 1.10  # the recomputed layers' inputs to host memory a
 # between them. memprobe on the 14B folder, nothing recomputed, 1 x H200, one lease: 0.194 / 0.272 s at 1,600,
 # 0.467 / 0.514 s at 4,096 (RESULTS.md "The launch-bound micro-step", gpu_variants.sh probe_compiled_k0, probe_eager_k0).
 COMPILED_STEP_RATIO = {1600: 0.711, 4096: 0.909}
+# What compiling costs, once, in the first micro-step: 56-65 s for the 14B layers on 1 x H200's 16-core host (the
+# same lease). The plan compiles where the run's micro-steps save more than that.
+COMPILE_S = 60.0
 
 
 def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> float:
@@ -318,14 +321,15 @@ def reference_plan(layers: int) -> Plan:
 
 
 def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool = False,
-           mode: str = "auto") -> tuple[Plan, list[Candidate]]:
+           mode: str = "auto", micro_steps: Optional[int] = None) -> tuple[Plan, list[Candidate]]:
     """The plan of a run and every candidate weighed, best first. `mode` "reference": the plan every other is
-    tested against (ZeRO-3, per-Linear gathers, every layer recomputed), pins applied on top."""
+    tested against (ZeRO-3, per-Linear gathers, every layer recomputed), pins applied on top. `micro_steps`: how
+    many the run has per rank (None: many), which decides whether compiling the layers pays."""
     pinned = pins.pinned()
     n = shape.layers
     if mode == "reference":
         fields = {**REFERENCE, "recompute_layers": n, **pinned}
-        plan = _finish(fields, cards, shape, packing)
+        plan = _finish(fields, cards, shape, packing, positions, micro_steps)
         c = _candidate(plan, shape, cards, positions)
         return plan, [replace(c, why="the reference plan (--plan reference)")]
     rows = []
@@ -348,8 +352,8 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
                         continue
                     best = None
                     for k in ks:  # the fewest recomputed layers that fit: each one recomputed costs time
-                        c = _candidate(_finish({**fields, "recompute_layers": k}, cards, shape, packing), shape, cards,
-                                       positions)
+                        plan = _finish({**fields, "recompute_layers": k}, cards, shape, packing, positions, micro_steps)
+                        c = _candidate(plan, shape, cards, positions)
                         best = best or c
                         if c.fits:
                             best = c
@@ -372,23 +376,27 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
     return chosen.plan, ranked
 
 
-def _finish(fields: dict, cards: Cards, shape: Shape, packing: bool) -> Plan:
+def _finish(fields: dict, cards: Cards, shape: Shape, packing: bool, positions: int,
+            micro_steps: Optional[int] = None) -> Plan:
     """The settings that follow from the rest: hpZ where ZeRO-3 spans nodes and the base fits in one node's
     GPUs (the gathers then stay inside the node, only LoRA's gradients cross); compiled layers under ZeRO-2 on
-    a GPU torch.compile can generate kernels for (ZeRO-3's hooks run inside a layer, between its Linears); the
-    environment's settings."""
+    a GPU torch.compile can generate kernels for (ZeRO-3's hooks run inside a layer, between its Linears), where
+    the run's micro-steps save more than compiling costs; the environment's settings."""
     fields = dict(fields)
     node_gib = cards.per_node * cards.usable_gib
     hpz = (cards.per_node if fields["zero_stage"] == 3 and not fields["offload_param"] and cards.nodes > 1
            and shape.base_numel * shape.bytes_per_value / GiB < 0.5 * node_gib else 1)
     compiled = fields.pop("compile_layers", None)
-    if compiled is None:
-        compiled = fields["zero_stage"] == 2 and cards.kind == "cuda" and cards.compiler
     if compiled and fields["zero_stage"] != 2:
         raise ValueError("--compile_layers true needs ZeRO-2 (--zero_stage 2): ZeRO-3 gathers weights inside a layer")
     alloc, nccl = env_settings(cards.cap_gib, cards.world)
-    return Plan(**fields, compile_layers=compiled, hpz_partition=hpz, packing=packing, alloc_conf=alloc,
+    plan = Plan(**fields, compile_layers=bool(compiled), hpz_partition=hpz, packing=packing, alloc_conf=alloc,
                 nccl_max_channels=nccl)
+    if compiled is None and fields["zero_stage"] == 2 and cards.kind == "cuda" and cards.compiler:
+        saved = step_seconds(plan, shape, cards, positions) - step_seconds(replace(plan, compile_layers=True), shape,
+                                                                            cards, positions)
+        plan = replace(plan, compile_layers=micro_steps is None or saved * micro_steps > COMPILE_S)
+    return plan
 
 
 def _candidate(plan: Plan, shape: Shape, cards: Cards, positions: int) -> Candidate:
@@ -461,10 +469,11 @@ def pins_of(cfg, ds_file: dict, layers: int) -> Pins:
                 compile_layers=cfg.compile_layers)
 
 
-def plan_run(cfg, ds: dict, config, positions: int, world: int, device) -> tuple[Plan, list[Candidate], Cards]:
+def plan_run(cfg, ds: dict, config, positions: int, world: int, device,
+             micro_steps: Optional[int] = None) -> tuple[Plan, list[Candidate], Cards]:
     """The plan of this run, the same on every rank: each rank looks at its card, the smallest decides, and
-    `choose` weighs the candidates for the longest micro-step. Called after the process group is up and
-    before the model loads (train()'s set-up and memprobe alike)."""
+    `choose` weighs the candidates for the longest micro-step (and the run's `micro_steps` per rank, None:
+    many). Called after the process group is up and before the model loads (train()'s set-up and memprobe)."""
     import torch
     import torch.distributed as dist
 
@@ -476,7 +485,7 @@ def plan_run(cfg, ds: dict, config, positions: int, world: int, device) -> tuple
     usable = torch.tensor([cards.usable_gib], dtype=torch.float64, device=device)
     dist.all_reduce(usable, op=dist.ReduceOp.MIN)
     cards = replace(cards, usable_gib=float(usable.item()))
-    plan, ranked = choose(shape, cards, positions, pins_of(cfg, ds, shape.layers), cfg.packing, cfg.plan)
+    plan, ranked = choose(shape, cards, positions, pins_of(cfg, ds, shape.layers), cfg.packing, cfg.plan, micro_steps)
     return plan, ranked, cards
 
 

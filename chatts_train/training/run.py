@@ -91,7 +91,7 @@ def setup(cfg: TrainConfig) -> Run:
             if changes:
                 raise CheckpointError(f"--resume would not continue the same run: {'; '.join(changes)}. Resume "
                                       f"with the run's settings, or start a new run in another --output_dir")
-    plan, after_oom = decide_plan(cfg, ds, config, world, device, sampler.longest(total_steps), record)
+    plan, after_oom = decide_plan(cfg, ds, config, world, device, sampler.longest(total_steps), total_steps * ga, record)
     apply_to_ds(plan, ds)
     if rank == 0:
         if cfg.overwrite_output_dir and not cfg.resume:
@@ -116,10 +116,10 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def decide_plan(cfg: TrainConfig, ds: dict, config: ChatTSConfig, world: int, device: torch.device, positions: int,
-                record: Optional[dict] = None) -> tuple[Plan, str]:
+                micro_steps: int, record: Optional[dict] = None) -> tuple[Plan, str]:
     """The run's plan, printed in one line before the model loads, and what to try if it runs out of memory.
     A resumed run keeps the plan it started with (its checkpoint's layout depends on the ZeRO stage)."""
-    plan, ranked, cards = plan_run(cfg, ds, config, positions, world, device)
+    plan, ranked, cards = plan_run(cfg, ds, config, positions, world, device, micro_steps)
     if record and record.get("plan"):
         recorded = Plan(**record["plan"])
         clash = {k: v for k, v in pins_of(cfg, ds, config.num_hidden_layers).pinned().items()
