@@ -59,11 +59,15 @@ declare -A V=(
   [usual_vs_auto]="$PROBE --baseline hf"
   # the real loop on the 14B folder: the plan the job chooses, uncapped and as a 48 / 24 GiB card
   [loop_auto]="$LOOP --output_dir $W/loop_auto"
+  [loop_compiled]="$LOOP --output_dir $W/loop_compiled --compile_layers true"
   [loop_auto_cap48]="$LOOP --output_dir $W/loop_auto_cap48 --gpu_memory_cap_gib 48"
   [loop_auto_cap24]="$LOOP --output_dir $W/loop_auto_cap24 --gpu_memory_cap_gib 24"
   [loop_reference]="$LOOP --output_dir $W/loop_reference --plan reference"
   # the loop's budget of one optimizer step (loop_budget.py): the plan the job chooses, and the same op by op
+  # (at 3e7d902 the plan compiled every ZeRO-2 run: budget_auto and loop_auto then ran what budget_compiled and
+  # loop_compiled pin now; since 5c9fe7b a run this short is left op by op)
   [budget_auto]="$BUDGET --output_dir $W/budget_auto"
+  [budget_compiled]="$BUDGET --output_dir $W/budget_compiled --compile_layers true"
   [budget_eager]="$BUDGET --output_dir $W/budget_eager --compile_layers false"
   # by hand, beside the choices under the caps
   [loop_cap48_eager]="$LOOP --output_dir $W/loop_cap48_eager --gpu_memory_cap_gib 48 --compile_layers false"
