@@ -23,7 +23,7 @@ LOOP2="env NUM_GPUS=2 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_s
 BUDGET="python3 benchmarks/loop_budget.py --model_path $MODEL --dataset_dir $DATA --max_steps ${STEPS:-5} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 SMALL="env NUM_GPUS=2 bash launch.sh --plan reference --fp16 true --plot false --save_steps 0 --overwrite_output_dir"
-USERS="--data gdsh,hbsn,whlj,zhlh --dataset-dir $DATA --tokenizer $MODEL"
+USERS="--data gdsh,hbsn,whlj,zhlh --dataset-dir $W/data_full --tokenizer $MODEL"  # history: all 421 samples
 
 # The loop on $MODEL under a plan, then memprobe on the same folder at the run's longest micro-step, compared
 # (loop_vs_probe.py): history's real_job.sh. loop_then_probe NAME CAP LOOP_OPTIONS -- PROBE_OPTIONS
@@ -83,6 +83,7 @@ declare -A V=(
   [x2_probe_auto_cap22_profile]="python3 benchmarks/memprobe.py --num-gpus 2 --gpu-mem-gb 22 --seq-len 2158 --profile $OUT/prof --json"
   # ---- history (benchmarks/HISTORY.md), 2 GPUs ------------------------------------------------------------
   [standins]="python3 benchmarks/write_standins.py $W"
+  [data_full]="python3 -m chatts_train.cli make-data --out $W/data_full --scale 1"  # for x2_probe_users_* (after data)
   # section 2: the loop on the tiny model and a 1.5 B ChatTS shape, and the fp16 loss-scaling scenario on GPUs
   [x2_loop_tiny_no_offload]="$SMALL --model_path $W/tiny --dataset_dir $W/data_small --output_dir $W/x2_loop_tiny_no_offload --offload none --max_steps 6 --learning_rate 5e-3"
   [x2_loop_tiny_param_offload]="$SMALL --model_path $W/tiny --dataset_dir $W/data_small --output_dir $W/x2_loop_tiny_param_offload --offload param --max_steps 6 --learning_rate 5e-3"

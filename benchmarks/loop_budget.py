@@ -112,13 +112,14 @@ def main() -> None:
         loop.StopRequest.agreed = budget.timed("stop_all_reduce", loop.StopRequest.agreed)
     loop.step_row = budget.around_metrics(loop.step_row)
     wrapped = set()
+    timed_micro_step = budget.timed("micro_step_rest", loop.micro_step)
 
     def step_fn(engine, batch, token_scale):
         if id(engine) not in wrapped:
             wrapped.add(id(engine))
             for name in ("forward", "backward", "step"):
                 setattr(engine, name, budget.timed(name, getattr(engine, name)))
-        return budget.timed("micro_step_rest", loop.micro_step)(engine, batch, token_scale)
+        return timed_micro_step(engine, batch, token_scale)
 
     cfg = parse_config(TrainConfig, argv)
     loop.train(cfg, step_fn)

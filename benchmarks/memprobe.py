@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,8 +71,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eager-kernels", action="store_true", help="as --fused_kernels false in training")
     p.add_argument("--attn", default=None, help="sdpa (default), flash_attention_2, eager")
     p.add_argument("--write-config", default=None, help="where to write the verdict's DeepSpeed config")
-    p.add_argument("--samples", type=int, default=421, help="for the job-time estimate")
-    p.add_argument("--epochs", type=float, default=3.0, help="for the job-time estimate")
+    p.add_argument("--samples", type=int, default=421, help="for the job-time estimate and the plan's compile choice")
+    p.add_argument("--epochs", type=float, default=3.0, help="for the job-time estimate and the plan's compile choice")
     p.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
                    help="override a zero_optimization key, e.g. stage3_max_live_parameters=3e8 (repeatable)")
     p.add_argument("--baseline", choices=["hf"], default=None,
@@ -170,7 +171,8 @@ def worker(a: argparse.Namespace) -> None:
         ds["zero_optimization"][key] = json.loads(value)
     also = [int(x) for x in a.also_seq_len.split(",") if x]
     positions = max([sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len] + also)
-    plan, ranked, cards = plan_run(cfg, ds, config, positions, world, device)  # the job's own choice, pins and all
+    # the job's own choice, pins and all, for the job's micro-steps per rank (micro-batch 1)
+    plan, ranked, cards = plan_run(cfg, ds, config, positions, world, device, math.ceil(a.samples * a.epochs / world))
     apply_to_ds(plan, ds)
     shape = Shape.of(config, precision(ds).itemsize)
     main_len = sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len

@@ -63,7 +63,8 @@ def build_model(model_path: Optional[str], ds: dict, attn_implementation: Option
         load_into_partitions(model, model_path)
     else:
         load_whole(model, model_path)
-    model.vocabulary = SlicedVocabulary()  # ZeRO-3's vocabulary matrices read from each rank's slice
+    if zero3:
+        model.vocabulary = SlicedVocabulary()  # the vocabulary matrices read from each rank's slice
     return model, hf_ds
 
 

@@ -201,9 +201,6 @@ class Pins:
 # vocabulary chunks, the backward's transients), as a fixed part and a part per position.
 FIXED_GIB = {2: 0.55, 3: 0.45}
 PER_POSITION_BYTES = 40_000
-# What a compiled layer keeps for backward against an eager lean one (Inductor's partitioner picks what to keep):
-# the same, measured (48.88 / 48.69 GiB at 4,096 and 36.27 / 36.19 at 1,600, compiled / eager, none recomputed)
-COMPILED_KEPT = 1.0
 # ZeRO-3 per-Linear gathers keep up to stage3_max_live_parameters gathered (ds_config.json: 3e8)
 PER_LINEAR_LIVE = 3e8
 
@@ -233,9 +230,11 @@ def weights_gib(plan: Plan, shape: Shape, world: int) -> float:
 def activations_gib(plan: Plan, shape: Shape, positions: int) -> float:
     """What the layers keep for backward at its start: the first `recompute_layers` are recomputed, so the
     kept layers' backward runs first and frees their activations before any recompute; then one recomputed
-    layer's activations are live at a time."""
+    layer's activations are live at a time. Compiled layers keep the same as eager lean ones (Inductor's
+    partitioner picks what to keep; measured 48.88 / 48.69 GiB at 4,096 and 36.27 / 36.19 at 1,600, compiled /
+    eager, none recomputed)."""
     k = plan.recompute_layers
-    kept = max(shape.layers - k, 1) * shape.kept_bytes_per_position() * (COMPILED_KEPT if plan.compile_layers else 1.0)
+    kept = max(shape.layers - k, 1) * shape.kept_bytes_per_position()
     ckpt = 0 if plan.checkpoints_on_cpu else k * shape.checkpoint_bytes_per_position()
     return positions * (kept + ckpt) / GiB
 
