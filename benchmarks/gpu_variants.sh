@@ -21,6 +21,7 @@ PROBE2="python3 benchmarks/memprobe.py --num-gpus 2 --plan reference --json"  # 
 CAP22="--gpu-mem-gb 22"
 LOOP2="env NUM_GPUS=2 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 BUDGET="python3 benchmarks/loop_budget.py --model_path $MODEL --dataset_dir $DATA --max_steps ${STEPS:-5} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
+AB="python3 benchmarks/micro_step_ab.py --model_path $MODEL --dataset_dir $DATA --plot false --tensorboard false --overwrite_output_dir"
 LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 SMALL="env NUM_GPUS=2 bash launch.sh --plan reference --fp16 true --plot false --save_steps 0 --overwrite_output_dir"
 USERS="--data gdsh,hbsn,whlj,zhlh --dataset-dir $W/data_full --tokenizer $MODEL"  # history: all 421 samples
@@ -50,6 +51,11 @@ declare -A V=(
   [probe_compiled_k24]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 24 --compile-layers true"
   [probe_compiled_k48]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 48 --compile-layers true"
   [probe_eager_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers false --profile $OUT/prof_eager_k0"
+  # the offload plans the chooser picks under a 24 GiB cap, on the 14B folder (a config-only offload build is slow)
+  [probe_model_offload_layers_k48]="$PROBE --model $MODEL --gpu-mem-gb 24 --grad-accum 2 --offload param --whole-layers --recompute-layers 48"
+  [probe_model_offload_layers_k48_host]="$PROBE --model $MODEL --gpu-mem-gb 24 --grad-accum 2 --offload param --whole-layers --recompute-layers 48 --checkpoints-on-cpu"
+  [probe_model_offload_linear_k48]="$PROBE --model $MODEL --gpu-mem-gb 24 --grad-accum 2 --offload param --per-linear --recompute-layers 48"
+  [probe_model_offload_linear_k48_host]="$PROBE --model $MODEL --gpu-mem-gb 24 --grad-accum 2 --offload param --per-linear --recompute-layers 48 --checkpoints-on-cpu"
   [probe_offload_layers_k0]="$PROBE --offload param --whole-layers --recompute-layers 0"
   [probe_offload_layers_k48]="$PROBE --offload param --whole-layers --recompute-layers 48"
   [probe_offload_linear_k48]="$PROBE --offload param --per-linear --recompute-layers 48"
@@ -69,8 +75,13 @@ declare -A V=(
   [budget_auto]="$BUDGET --output_dir $W/budget_auto"
   [budget_compiled]="$BUDGET --output_dir $W/budget_compiled --compile_layers true"
   [budget_eager]="$BUDGET --output_dir $W/budget_eager --compile_layers false"
+  # a micro-step of the loop's engine by what it is fed (micro_step_ab.py): one sample repeated, new lengths, seen ones
+  [ab_eager]="$AB --output_dir $W/ab_eager --compile_layers false && mkdir -p $OUT/logs/ab_eager && cp $W/ab_eager/*.txt $OUT/logs/ab_eager/"
+  [ab_compiled]="$AB --output_dir $W/ab_compiled --compile_layers true && mkdir -p $OUT/logs/ab_compiled && cp $W/ab_compiled/*.txt $OUT/logs/ab_compiled/"
   # by hand, beside the choices under the caps
   [loop_cap48_eager]="$LOOP --output_dir $W/loop_cap48_eager --gpu_memory_cap_gib 48 --compile_layers false"
+  [loop_cap48_compiled]="$LOOP --output_dir $W/loop_cap48_compiled --gpu_memory_cap_gib 48 --compile_layers true"
+  [loop_cap48_zero2_k1_host]="$LOOP --output_dir $W/loop_cap48_zero2_k1_host --gpu_memory_cap_gib 48 --zero_stage 2 --recompute_layers 1 --checkpoints_on_cpu true"
   [loop_cap48_zero2_k24]="$LOOP --output_dir $W/loop_cap48_zero2_k24 --gpu_memory_cap_gib 48 --zero_stage 2 --recompute_layers 24"
   [loop_cap24_offload_layers_k48]="$LOOP --output_dir $W/loop_cap24_offload_layers_k48 --gpu_memory_cap_gib 24 --offload param --gather_whole_layers true --recompute_layers 48"
   [loop_cap24_offload_linear_k48]="$LOOP --output_dir $W/loop_cap24_offload_linear_k48 --gpu_memory_cap_gib 24 --plan reference --offload param"

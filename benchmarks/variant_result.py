@@ -1,6 +1,6 @@
 """One JSON line of what a variant of gpu_variants.sh measured, from its log and its run folder:
 memprobe's report (--json is not used: the report is the log's last JSON object), plain_peft.py's lines,
-or the loop's [plan] line, metrics rows, setup.json, summary and (loop_budget.py) budget.json.
+or the loop's [plan] line, metrics rows, setup.json, summary and (loop_budget.py) budget.json, (micro_step_ab.py) ab.json.
 
     python benchmarks/variant_result.py NAME RC WALL_S COMMAND LOG RUN_DIR
 """
@@ -33,7 +33,8 @@ def main() -> None:
     plan = [line for line in text.splitlines() if line.startswith("[plan]")]
     if plan or os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         row["plan"] = plan[-1] if plan else None
-        for f, key in (("setup.json", "setup"), ("summary.json", "summary"), ("budget.json", "budget")):
+        for f, key in (("setup.json", "setup"), ("summary.json", "summary"), ("budget.json", "budget"),
+                       ("ab.json", "ab")):
             p = os.path.join(run_dir, f)
             row[key] = json.load(open(p)) if os.path.exists(p) else None
         p = os.path.join(run_dir, "metrics.jsonl")

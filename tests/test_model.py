@@ -49,6 +49,16 @@ def test_tiny_checkpoint_has_published_keys_and_format(tiny, release):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_sdpa_leaves_cudnn_attention_out():
+    # cuDNN plans its attention kernel for every new sequence length (~0.14 s a 14B micro-step on H200)
+    from chatts_train.model.modeling import pick_attention
+
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    assert pick_attention("sdpa") == "sdpa" and not torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    assert pick_attention("eager") == "eager" and torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_14b_shape_from_config_has_published_keys():
     from chatts_train.model.published import chatts_config
     from chatts_train.model.modeling import ChatTSConfig

@@ -203,9 +203,15 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
 def pick_attention(requested: Optional[str] = None) -> str:
     """SDPA unless asked otherwise; FlashAttention-2 only where it exists and runs (sm80+).
 
-    On a Turing card SDPA dispatches to the memory-efficient kernel, the fastest exact one there.
+    On a Turing card SDPA dispatches to the memory-efficient kernel, the fastest exact one there. SDPA's cuDNN
+    kernel is left out: cuDNN plans it anew for every sequence length, ~1-2 ms of host time per layer and call
+    (~0.14 s per micro-step of the 14B shape on 1 x H200, benchmarks/RESULTS.md), and no two of the users'
+    samples have to share a length; PyTorch's flash kernel (sm80+) needs no plan.
     """
-    if requested in ("eager", "sdpa"):
+    if requested == "eager":
+        return requested
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    if requested == "sdpa":
         return requested
     fa2_ok = False
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
