@@ -41,6 +41,7 @@ class Shape:
     base_numel: int  # all frozen weights
     layer_numel: int  # one decoder layer's
     bytes_per_value: int  # the run's dtype (2 in fp16 / bf16, 4 on the CPU in fp32)
+    head_numel: int = 0  # lm_head's [vocab x hidden]
 
     @classmethod
     def of(cls, config, bytes_per_value: int = 2) -> "Shape":
@@ -54,7 +55,7 @@ class Shape:
         if ts.use_position_embedding:
             encoder += (ts.max_length + 1) * ts.embedding_dim
         base = (1 if config.tie_word_embeddings else 2) * config.vocab_size * h + n * layer + h + encoder
-        return cls(n, h, inter, kv, base, layer, bytes_per_value)
+        return cls(n, h, inter, kv, base, layer, bytes_per_value, config.vocab_size * h)
 
     def kept_bytes_per_position(self) -> int:
         """What one decoder layer keeps for backward per position when it is not recomputed (lean activations,
@@ -216,15 +217,24 @@ def weights_gib(plan: Plan, shape: Shape, world: int) -> float:
     weight for the input's gradient, and that view keeps the gathered copy alive until the layer's backward
     (measured: ZeRO-3 with offload and no layer recomputed ran out of memory under a 24 GiB cap at 2,158
     positions, predicted 13.7 GiB without this term)."""
-    b = shape.bytes_per_value
     if plan.zero_stage == 2:
-        return shape.base_numel * b / GiB
-    live = 2 * shape.layer_numel if plan.whole_layers else min(PER_LINEAR_LIVE, 2 * shape.layer_numel)
+        return shape.base_numel * shape.bytes_per_value / GiB
+    return held_weights_gib(plan, shape, world) + live_numel(plan, shape) * shape.bytes_per_value / GiB
+
+
+def live_numel(plan: Plan, shape: Shape) -> int:
+    """Weights ZeRO-3 holds gathered for the running layer and the prefetched one."""
+    return 2 * shape.layer_numel if plan.whole_layers else int(min(PER_LINEAR_LIVE, 2 * shape.layer_numel))
+
+
+def held_weights_gib(plan: Plan, shape: Shape, world: int) -> float:
+    """ZeRO-3's frozen weights on one GPU outside the gathering window: the resident partition and the kept
+    layers' gathered copies (weights_gib says why those stay)."""
     kept = (shape.layers - plan.recompute_layers) * shape.layer_numel
     resident = 0.0 if plan.offload_param else shape.base_numel / world
     if plan.hpz_partition > 1 and not plan.offload_param:
         resident += shape.base_numel / plan.hpz_partition  # the secondary copy inside the node
-    return (resident + live + kept) * b / GiB + (OFFLOAD_FIXED_GIB if plan.offload_param else 0.0)
+    return (resident + kept) * shape.bytes_per_value / GiB + (OFFLOAD_FIXED_GIB if plan.offload_param else 0.0)
 
 
 def activations_gib(plan: Plan, shape: Shape, positions: int) -> float:
@@ -233,16 +243,32 @@ def activations_gib(plan: Plan, shape: Shape, positions: int) -> float:
     layer's activations are live at a time. Compiled layers keep the same as eager lean ones (Inductor's
     partitioner picks what to keep; measured 48.88 / 48.69 GiB at 4,096 and 36.27 / 36.19 at 1,600, compiled /
     eager, none recomputed)."""
+    return held_activations_gib(plan, shape, positions, max(shape.layers - plan.recompute_layers, 1))
+
+
+def held_activations_gib(plan: Plan, shape: Shape, positions: int, layers_kept: Optional[int] = None) -> float:
+    """What the kept layers (`layers_kept`, by default all not recomputed) and the checkpoints hold."""
     k = plan.recompute_layers
-    kept = max(shape.layers - k, 1) * shape.kept_bytes_per_position()
+    kept = (shape.layers - k if layers_kept is None else layers_kept) * shape.kept_bytes_per_position()
     ckpt = 0 if plan.checkpoints_on_cpu else k * shape.checkpoint_bytes_per_position()
     return positions * (kept + ckpt) / GiB
 
 
 def predict_peak_gib(plan: Plan, shape: Shape, world: int, positions: int) -> float:
-    """Predicted peak allocated GiB per GPU of a micro-step of `positions` positions (micro-batch x longest)."""
+    """Predicted peak allocated GiB per GPU of a micro-step of `positions` positions (micro-batch x longest): the
+    larger of two moments. A layer's backward, with its weights gathered and the activations kept for backward;
+    and, under parameter offload, the loss: the sliced vocabulary copies this rank's slice of lm_head from host
+    memory to the GPU (fit/vocab_parallel.py) while no layer is gathered and every layer's activations are still
+    held, none recomputed yet. With all 48 layers recomputed the loss is the peak (measured on 1 x H200 with
+    offload: 3.70 / 2.98 GiB at 1,600 positions with the checkpoints on the GPU / in host RAM, 4.92 / 3.08 at
+    4,096; the layers' backward alone predicts 3.43 / 2.70 at 1,600)."""
     fixed = FIXED_GIB[plan.zero_stage] + positions * PER_POSITION_BYTES / GiB
-    return weights_gib(plan, shape, world) + activations_gib(plan, shape, positions) + fixed
+    peak = weights_gib(plan, shape, world) + activations_gib(plan, shape, positions) + fixed
+    if plan.zero_stage == 3 and plan.offload_param:
+        head = shape.head_numel * shape.bytes_per_value / world / GiB
+        at_loss = held_weights_gib(plan, shape, world) + head + held_activations_gib(plan, shape, positions) + fixed
+        peak = max(peak, at_loss)
+    return peak
 
 
 def need_gib(peak_gib: float, cards: Cards) -> float:
