@@ -127,6 +127,47 @@ def test_batch_equals_one_by_one_on_mixed_batches(tiny, processors):
     assert int(together.num_tokens) == sum(int(a.num_tokens) for a in alone)
 
 
+def test_batcher_indices_give_the_searched_steps_without_a_search(tiny, processors):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Searches(TorchDispatchMode):
+        """What makes the host wait for the GPU: a size known only after a search, a value read."""
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            boolean_index = func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])
+            if boolean_index or func in (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+                                         torch.ops.aten._local_scalar_dense.default):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    proc = processors["0801"]
+    rng = np.random.default_rng(3)
+    samples = [proc.encode_chat("<ts><ts/> and <ts><ts/>", [rng.normal(size=n) for n in (40, 9)], "two series"),
+               proc.encode_chat("short <ts><ts/>", [rng.normal(size=70)], "one")]
+    pad = proc.tokenizer.pad_token_id
+    for batch in (collate(samples[:1], pad), pack(samples, pad), collate(samples, pad)):
+        padded = "attention_mask" in batch  # micro-batch 2, padded: transformers reads the mask (a wait)
+        searched = {k: v for k, v in batch.items() if k not in ("ts_index", "answer_index")}
+        grads = []
+        for inputs in (batch, searched):
+            model = load_model(tiny["0801"], dtype=torch.float32)
+            with Searches() as searches:
+                out = model(**inputs)
+            out.loss_sum.backward()
+            grads.append((out.loss_sum.detach(), model.model.layers[0].self_attn.q_proj.weight.grad,
+                          model.ts_encoder.mlp[0].weight.grad, searches.seen))
+        (loss, g, g_ts, seen), (ref_loss, ref_g, ref_g_ts, ref_seen) = grads
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_ts, ref_g_ts, rtol=1e-5, atol=1e-6)
+        assert seen == (["aten._local_scalar_dense.default"] if padded else [])
+        assert {"aten.nonzero.default", "aten.index.Tensor"} <= set(ref_seen)  # the searches, caught here
+
+
 def test_loss_uses_only_answer_positions(tiny, processors):
     model = load_model(tiny["legacy"], dtype=torch.float32).eval()
     proc = processors["legacy"]

@@ -13,7 +13,8 @@ from ..tokens import IGNORE_INDEX, TS_TOKEN_ID
 
 
 def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """`samples` are `processor.Encoded`. Right padding for training, left for batched generation."""
+    """`samples` are `processor.Encoded`. Right padding for training, left for batched generation. With labels
+    (training, scoring) the batch also carries `step_indices`, and no attention mask where no row is padded."""
     width = max(len(s) for s in samples)
     batch = len(samples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -32,12 +33,27 @@ def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict
         "ts_patches": torch.cat([s.ts_patches for s in samples]),
         "ts_positions": torch.cat([s.ts_positions for s in samples]),
     }
-    n_ts = int((input_ids == TS_TOKEN_ID).sum())  # padding is pad_id, never `<ts>`
-    if n_ts != len(out["ts_patches"]):
-        raise ValueError(f"{n_ts} `<ts>` positions for {len(out['ts_patches'])} encoder rows")
+    ts_index = torch.nonzero(input_ids.reshape(-1) == TS_TOKEN_ID).flatten()  # padding is pad_id, never `<ts>`
+    if len(ts_index) != len(out["ts_patches"]):
+        raise ValueError(f"{len(ts_index)} `<ts>` positions for {len(out['ts_patches'])} encoder rows")
     if has_labels:
         out["labels"] = labels
+        out.update(step_indices(input_ids, labels, ts_index))
+        if len(set(len(s) for s in samples)) == 1:
+            # No row padded: no mask. Given one of all ones, transformers checks it on the device every
+            # forward (`mask.all()`), and the host waits for that check.
+            out.pop("attention_mask", None)
     return out
+
+
+def step_indices(input_ids: torch.Tensor, labels: torch.Tensor, ts_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the model's training forward writes the encoder's rows and reads its loss, found here on the host:
+    on the GPU each would be a search whose size the host must wait for (`nonzero`, a boolean index), and the
+    host could not queue the backward before the forward had run. `ts_index`: the `<ts>` positions of the
+    flattened ids; `answer_index`: the flattened positions whose next token carries a label."""
+    width = input_ids.shape[1]
+    rows, cols = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
+    return {"ts_index": ts_index, "answer_index": rows * width + cols}
 
 
 def pack(samples: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
@@ -54,5 +70,5 @@ def pack(samples: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
     out = collate([joined], pad_id)
     out["position_ids"] = torch.cat([torch.arange(len(s)) for s in samples]).unsqueeze(0)
     # No label crosses a sample boundary: each sample starts with its (unlabelled) prompt.
-    del out["attention_mask"]
+    out.pop("attention_mask", None)
     return out

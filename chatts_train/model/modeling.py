@@ -105,13 +105,16 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         self.post_init()
 
     def embed(self, input_ids: torch.Tensor, ts_patches: Optional[torch.Tensor] = None,
-              ts_positions: Optional[torch.Tensor] = None, table: Optional[torch.Tensor] = None) -> torch.Tensor:
+              ts_positions: Optional[torch.Tensor] = None, table: Optional[torch.Tensor] = None,
+              ts_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token embeddings with every `<ts>` position overwritten by its encoder row, in order.
 
         The encoder runs on every call, also with zero rows: under ZeRO-3 every rank must run the same
         modules each step or the parameter all-gathers deadlock. Without rows (a decoding step) no position
         is overwritten, even if the model itself generated a `<ts>` token. `table`: the embedding's ZeRO-3
         partitioned weight, to look the rows up in each rank's slice instead of gathering it; collective.
+        `ts_index`: the `<ts>` positions of the flattened ids where the batcher found them (batching.py);
+        otherwise they are searched for here, and the host waits for that search.
         """
         if table is not None:
             embeds = self.vocabulary.lookup(table, input_ids)
@@ -126,7 +129,8 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         feats = self.ts_encoder(ts_patches.to(embeds.dtype), ts_positions)
         where = torch.zeros(0, dtype=torch.long, device=embeds.device)
         if len(feats):
-            where = torch.nonzero(input_ids.reshape(-1) == self.config.ts_token_start_index).flatten()
+            where = ts_index if ts_index is not None else torch.nonzero(
+                input_ids.reshape(-1) == self.config.ts_token_start_index).flatten()
             if len(where) != len(feats):
                 raise ValueError(f"{len(where)} `<ts>` positions for {len(feats)} encoder rows: build inputs "
                                  f"with ChatTSProcessor, which writes one `<ts>` per patch")
@@ -155,6 +159,8 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         logits_to_keep: int | torch.Tensor = 0,
         ts_patches: Optional[torch.Tensor] = None,
         ts_positions: Optional[torch.Tensor] = None,
+        ts_index: Optional[torch.Tensor] = None,
+        answer_index: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> ChatTSOutput:
         # Training and scoring under ZeRO-3 read the vocabulary matrices from each rank's slice instead of
@@ -163,7 +169,7 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
         sliced = labels is not None and not self.full_vocabulary_loss and head is not None
         if inputs_embeds is None:
             table = self.vocabulary.partitioned_weight(self.model.embed_tokens) if sliced else None
-            inputs_embeds = self.embed(input_ids, ts_patches, ts_positions, table)
+            inputs_embeds = self.embed(input_ids, ts_patches, ts_positions, table, ts_index)
         if labels is not None:
             # No KV cache in training: it costs memory, and with one transformers cannot see that restarting
             # position_ids mean packed samples (it then would not keep attention inside each sample).
@@ -189,13 +195,19 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
             return ChatTSOutput(loss=loss, loss_sum=loss * num_tokens, num_tokens=num_tokens, logits=logits)
         # Logits only where a label exists: the full [seq x 152064] logits (and their fp32 copies) would
-        # cost several GB at 4096 tokens for the ~100 answer tokens that carry a loss.
+        # cost several GB at 4096 tokens for the ~100 answer tokens that carry a loss. With the batcher's
+        # `answer_index` the rows are picked without the host waiting for the GPU (a boolean index waits).
+        if answer_index is not None:
+            answer = hidden.reshape(-1, hidden.shape[-1]).index_select(0, answer_index)
+            answer_targets = labels.reshape(-1).index_select(0, answer_index + 1)
+        else:
+            answer, answer_targets = hidden[:, :-1][mask], targets[mask]
         if sliced:
             logits = None
-            loss_sum = self.vocabulary.cross_entropy_sum(hidden[:, :-1][mask], head, targets[mask])
+            loss_sum = self.vocabulary.cross_entropy_sum(answer, head, answer_targets)
         else:
-            logits = self.lm_head(hidden[:, :-1][mask]).float()
-            loss_sum = F.cross_entropy(logits, targets[mask], reduction="sum")
+            logits = self.lm_head(answer).float()
+            loss_sum = F.cross_entropy(logits, answer_targets, reduction="sum")
         return ChatTSOutput(loss=loss_sum / num_tokens.clamp(min=1), loss_sum=loss_sum, num_tokens=num_tokens,
                             logits=logits, past_key_values=out.past_key_values)
 

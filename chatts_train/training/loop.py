@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
             batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
         losses, tokens = [], 0
         for ids, batch in zip(plan, batches):
-            tokens += int(batch["input_ids"].numel()) if cfg.packing else int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with failures.watch(step, ids, batch["input_ids"].shape[1]):
                 losses.append(step_fn(engine, batch, token_scale))
