@@ -59,8 +59,10 @@ def main() -> None:
     scaler = torch.amp.GradScaler("cuda")
     model.train()
     for n in (int(x) for x in a.seq_len.split(",")):
-        batch = {k: v.cuda() for k, v in collate([probe_batch(n, config.ts_spec, config.vocab_size)],
-                                                 config.pad_token_id).items()}
+        batch = collate([probe_batch(n, config.ts_spec, config.vocab_size)], config.pad_token_id)
+        # what the official processor hands a user: an attention mask, no positions found on the host
+        batch = {k: v.cuda() for k, v in {"attention_mask": torch.ones_like(batch["input_ids"]), **batch}.items()
+                 if k not in ("ts_index", "answer_index")}
         torch.cuda.reset_peak_memory_stats()
         times = []
         for i in range(a.steps * a.grad_accum):
