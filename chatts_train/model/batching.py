@@ -14,7 +14,8 @@ from ..tokens import IGNORE_INDEX, TS_TOKEN_ID
 
 def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """`samples` are `processor.Encoded`. Right padding for training, left for batched generation. With labels
-    (training, scoring) the batch also carries `step_indices`, and no attention mask where no row is padded."""
+    (training, scoring) the batch also carries the `<ts>` positions of the flattened ids (`ts_index`) and the
+    `answer_positions` (`answer_index`), and no attention mask where no row is padded."""
     width = max(len(s) for s in samples)
     batch = len(samples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -37,23 +38,21 @@ def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict
     if len(ts_index) != len(out["ts_patches"]):
         raise ValueError(f"{len(ts_index)} `<ts>` positions for {len(out['ts_patches'])} encoder rows")
     if has_labels:
-        out["labels"] = labels
-        out.update(step_indices(input_ids, labels, ts_index))
+        # Where the training forward writes the encoder's rows and reads its loss, found here on the host: on
+        # the GPU each is a search whose size the host must wait for (`nonzero`, a boolean index), and it could
+        # not queue the backward before the forward had run.
+        out.update(labels=labels, ts_index=ts_index, answer_index=answer_positions(labels))
         if len(set(len(s) for s in samples)) == 1:
             # No row padded: no mask. Given one of all ones, transformers checks it on the device every
             # forward (`mask.all()`), and the host waits for that check.
-            out.pop("attention_mask", None)
+            del out["attention_mask"]
     return out
 
 
-def step_indices(input_ids: torch.Tensor, labels: torch.Tensor, ts_index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Where the model's training forward writes the encoder's rows and reads its loss, found here on the host:
-    on the GPU each would be a search whose size the host must wait for (`nonzero`, a boolean index), and the
-    host could not queue the backward before the forward had run. `ts_index`: the `<ts>` positions of the
-    flattened ids; `answer_index`: the flattened positions whose next token carries a label."""
-    width = input_ids.shape[1]
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions of the flattened [batch, seq] grid whose next token carries a label."""
     rows, cols = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
-    return {"ts_index": ts_index, "answer_index": rows * width + cols}
+    return rows * labels.shape[1] + cols
 
 
 def pack(samples: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
