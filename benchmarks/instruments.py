@@ -141,6 +141,16 @@ class PhasePeaks:
         return call
 
 
+def take_option(argv: list, key: str, default: str) -> str:
+    """A benchmark's own `key VALUE` taken out of `argv`, which then holds training's options alone."""
+    if key not in argv:
+        return default
+    at = argv.index(key)
+    value = argv[at + 1]
+    del argv[at:at + 2]
+    return value
+
+
 def start_profile():
     from torch.profiler import ProfilerActivity, profile
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from instruments import kernel_budget, start_profile  # noqa: E402
+from instruments import kernel_budget, start_profile, take_option  # noqa: E402
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
@@ -100,10 +100,7 @@ def main() -> None:
     from chatts_train.data.indexing import SampleReader
 
     argv = sys.argv[1:]
-    at = argv.index("--budget_step") if "--budget_step" in argv else None
-    step = int(argv.pop(at + 1)) if at is not None else 3
-    if at is not None:
-        argv.pop(at)
+    step = int(take_option(argv, "--budget_step", "3"))
     budget = Budget(max(step, 2))
     SampleReader.__getitem__ = budget.timed("data", SampleReader.__getitem__)
     loop.collate, loop.pack = budget.timed("data", loop.collate), budget.timed("data", loop.pack)

@@ -31,17 +31,11 @@ def main() -> None:
     from chatts_train.training.config import TrainConfig, parse_config
     from chatts_train.training.loop import micro_step, step_token_scale
     from chatts_train.training.run import setup
-    from instruments import kernel_budget, start_profile
+    from instruments import kernel_budget, start_profile, take_option
     from memprobe import probe_batch
 
     argv = sys.argv[1:]
-    opts = {}
-    for key, default in (("--length", "1600"), ("--count", "12")):
-        at = argv.index(key) if key in argv else None
-        opts[key] = argv.pop(at + 1) if at is not None else default
-        if at is not None:
-            argv.pop(at)
-    length, count = int(opts["--length"]), int(opts["--count"])
+    length, count = int(take_option(argv, "--length", "1600")), int(take_option(argv, "--count", "12"))
     cfg = parse_config(TrainConfig, argv)
     run, out = setup(cfg), cfg.output_dir
     engine, device = run.engine, run.device
@@ -50,13 +44,10 @@ def main() -> None:
     reader, pad = SampleReader(run.index, run.processor), run.processor.tokenizer.pad_token_id
 
     # samples of distinct lengths, nearest --length first: `same` takes the nearest, then `new`, then `loop`
-    lengths = run.index.length
-    order, taken = sorted(range(len(lengths)), key=lambda i: abs(int(lengths[i]) - length)), set()
-    picked = []
-    for i in order:
-        if int(lengths[i]) not in taken:
-            taken.add(int(lengths[i]))
-            picked.append(i)
+    lengths, first = run.index.length, {}
+    for i in sorted(range(len(lengths)), key=lambda i: abs(int(lengths[i]) - length)):
+        first.setdefault(int(lengths[i]), i)
+    picked = list(first.values())
     if len(picked) < 1 + 2 * count:
         sys.exit(f"need {1 + 2 * count} samples of distinct lengths, the data has {len(picked)}")
     to_dev = (lambda b: {k: v.to(device) for k, v in b.items()})
