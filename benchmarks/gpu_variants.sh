@@ -48,6 +48,7 @@ declare -A V=(
   [probe_zero2_k48_host]="$PROBE --zero-stage 2 --recompute-layers 48 --checkpoints-on-cpu --compile-layers false"
   # compiled layers (ZeRO-2's default on a GPU with Triton), on the 14B folder; --profile: the micro-step's GPU idle
   [probe_compiled_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers true --profile $OUT/prof_compiled_k0"
+  [probe_compiled_k0_cudnn]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers true --sdpa-cudnn --profile $OUT/prof_compiled_k0_cudnn"
   [probe_compiled_k24]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 24 --compile-layers true"
   [probe_compiled_k48]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 48 --compile-layers true"
   [probe_eager_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers false --profile $OUT/prof_eager_k0"

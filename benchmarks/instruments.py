@@ -86,7 +86,8 @@ def kernel_budget(prof, wall_s: float) -> dict:
     copies, and idle (no kernel running: the CPU side, i.e. ZeRO-3's hooks and launches, is the bottleneck)."""
     from torch.autograd import DeviceType
 
-    kinds = {"gemm": ("gemm", "cutlass", "xmma", "nvjet", "cublas"), "attention": ("fmha", "flash", "attention", "efficient"),
+    # attention first: the memory-efficient kernels are CUTLASS ones (fmha_cutlassF...), cuDNN's say sdpa
+    kinds = {"attention": ("fmha", "flash", "attention", "efficient", "sdpa"), "gemm": ("gemm", "cutlass", "xmma", "nvjet", "cublas"),
              "nccl": ("nccl",), "copy": ("memcpy", "memset")}
     spans: dict[str, list] = {k: [] for k in (*kinds, "other")}
     for e in prof.events():

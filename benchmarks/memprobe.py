@@ -70,6 +70,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--plain-activations", action="store_true", help="as --lean_activations false in training")
     p.add_argument("--eager-kernels", action="store_true", help="as --fused_kernels false in training")
     p.add_argument("--attn", default=None, help="sdpa (default), flash_attention_2, eager")
+    p.add_argument("--sdpa-cudnn", action="store_true",
+                   help="an A/B only: SDPA's cuDNN kernel back on (the job leaves it off: it plans every new length)")
     p.add_argument("--write-config", default=None, help="where to write the verdict's DeepSpeed config")
     p.add_argument("--samples", type=int, default=421, help="for the job-time estimate and the plan's compile choice")
     p.add_argument("--epochs", type=float, default=3.0, help="for the job-time estimate and the plan's compile choice")
@@ -190,6 +192,8 @@ def worker(a: argparse.Namespace) -> None:
     try:
         engine, hf_ds = prepare_engine(cfg, ds, 1000, plan, shape=None if a.model else config)
         engine.module.get_base_model().full_vocabulary_loss = not ours
+        if a.sdpa_cudnn:
+            torch.backends.cuda.enable_cudnn_sdp(True)  # after the load, which switched it off (pick_attention)
         model_bytes = checkpoint_bytes(a.model) if a.model else sum(
             getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
         result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),

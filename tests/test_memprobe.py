@@ -124,11 +124,14 @@ def test_kernel_budget_splits_a_micro_step_into_compute_exposed_communication_co
 
     prof = SimpleNamespace(events=lambda: [kernel("sm90_xmma_gemm", 0, 10_000), kernel("ncclDevKernel_AllGather", 5_000, 15_000),
                                            kernel("Memcpy HtoD", 20_000, 22_000),
+                                           # the memory-efficient kernel is a CUTLASS one, and it is attention
+                                           kernel("fmha_cutlassF_f16_aligned_64x128_rf_sm80", 22_000, 23_000),
+                                           kernel("pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel", 23_000, 24_000),
                                            SimpleNamespace(name="aten::mm", device_type=DeviceType.CPU, time_range=None)])
     b = instruments.kernel_budget(prof, wall_s=0.030)
-    assert (b["gemm_s"], b["nccl_s"], b["copy_s"], b["kernels"]) == (0.01, 0.01, 0.002, 3)
-    assert b["gpu_busy_s"] == 0.017 and b["compute_busy_s"] == 0.01
-    assert b["nccl_exposed_s"] == 0.005 and b["idle_s"] == 0.013  # the NCCL time no compute or copy overlaps
+    assert (b["gemm_s"], b["attention_s"], b["nccl_s"], b["copy_s"], b["kernels"]) == (0.01, 0.002, 0.01, 0.002, 5)
+    assert b["gpu_busy_s"] == 0.019 and b["compute_busy_s"] == 0.012
+    assert b["nccl_exposed_s"] == 0.005 and b["idle_s"] == 0.011  # the NCCL time no compute or copy overlaps
 
 
 def test_job_estimate_from_measured_bytes_efficiency_and_idle():
