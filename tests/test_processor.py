@@ -65,7 +65,9 @@ def test_mixed_batch_positions_labels_and_masks(processors):
 
     b = collate(samples, pad_id=proc.tokenizer.pad_token_id)
     assert b["input_ids"].shape == (3, max(len(s) for s in samples))
-    assert b["attention_mask"].sum(1).tolist() == [len(s) for s in samples]
+    # right-padded with labels: no mask (causal attention keeps real positions from the pads after them)
+    assert "attention_mask" not in b
+    assert (b["input_ids"] != proc.tokenizer.pad_token_id).sum(1).tolist() == [len(s) for s in samples]
     assert len(b["ts_patches"]) == 0 + (3 + 1) + 13
     assert (b["input_ids"] == TS_TOKEN_ID).sum(1).tolist() == [0, 4, 13]
     for i, s in enumerate(samples):

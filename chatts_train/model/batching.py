@@ -15,7 +15,7 @@ from ..tokens import IGNORE_INDEX, TS_TOKEN_ID
 def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """`samples` are `processor.Encoded`. Right padding for training, left for batched generation. With labels
     (training, scoring) the batch also carries the `<ts>` positions of the flattened ids (`ts_index`) and the
-    `answer_positions` (`answer_index`), and no attention mask where no row is padded."""
+    `answer_positions` (`answer_index`), and, right-padded, no attention mask."""
     width = max(len(s) for s in samples)
     batch = len(samples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -42,9 +42,10 @@ def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict
         # the GPU each is a search whose size the host must wait for (`nonzero`, a boolean index), and it could
         # not queue the backward before the forward had run.
         out.update(labels=labels, ts_index=ts_index, answer_index=answer_positions(labels))
-        if len(set(len(s) for s in samples)) == 1:
-            # No row padded: no mask. Given one of all ones, transformers checks it on the device every
-            # forward (`mask.all()`), and the host waits for that check.
+        if padding_side == "right":
+            # No mask: under causal attention no position sees a later one, so a row's real positions never see
+            # the pads after them, and pads carry no label. Given a mask, transformers checks it on the device
+            # (`mask.all()`, a wait) and, where a row is padded, sends SDPA to its slower masked kernel.
             del out["attention_mask"]
     return out
 

@@ -175,10 +175,10 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
             # position_ids mean packed samples (it then would not keep attention inside each sample).
             use_cache = False
             if attention_mask is None and position_ids is None and set(self.config.layer_types) == {"full_attention"}:
-                # Unpadded, unpacked rows (the batcher leaves the mask out): plain causal attention. Left to
+                # Unpacked, right-padded rows (the batcher leaves the mask out): plain causal attention. Left to
                 # itself transformers takes the positions it makes up for a possible pack and builds a
                 # [seq x seq] mask, which sends SDPA from its flash kernel to the masked memory-efficient
-                # one and repeats K/V for every query head: 1.85x the micro-step at 4,096 positions on an
+                # one and repeats K/V for every query head: 1.7x the micro-step at 4,096 positions on an
                 # H200 and 4.7 GiB more (benchmarks/RESULTS.md). The mapping is transformers' own way in.
                 attention_mask = {"full_attention": None}
         out = self.model(

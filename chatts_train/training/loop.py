@@ -95,9 +95,11 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
         t0 = time.perf_counter()
         plan = run.sampler.micro_batches(step, run.rank)
         try:
-            batches = [batch_of([reader[int(i)] for i in ids], pad_id) for ids in plan]
+            samples = [[reader[int(i)] for i in ids] for ids in plan]
         except DataError as e:  # read on this rank only, so this rank reports it
             raise RankError(str(e)) from None
+        batches = [batch_of(group, pad_id) for group in samples]
+        tokens = sum(len(s) for group in samples for s in group)  # positions without the pads
         # Answer tokens of the whole optimizer step, over all ranks (the loss is their mean), and a stop request
         token_scale, answer_tokens, stopping = step_token_scale(batches, run.sampler.grad_accum, world, device,
                                                                 stop.asked())
@@ -110,9 +112,8 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
             return {"stopped_at": step}
         if device.type == "cuda":  # a copy from pageable memory waits for the GPU's queue to drain; pinned, for nothing
             batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
-        losses, tokens = [], 0
+        losses = []
         for ids, batch in zip(plan, batches):
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with failures.watch(step, ids, batch["input_ids"].shape[1]):
                 losses.append(step_fn(engine, batch, token_scale))
