@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -110,8 +111,6 @@ def interrupted_and_resumed():
     # a resume that fails on a truncated engine file leaves the run folder as it was
     broken = os.path.join(OUT, "broken")
     if dist.get_rank() == 0:
-        import shutil
-
         shutil.copytree(cut_dir, broken)
         engine_dir = os.path.join(broken, "checkpoints", open(os.path.join(broken, "checkpoints", "latest")).read().strip(), "engine")
         for state in (f for f in os.listdir(engine_dir) if f.endswith("optim_states.pt")):  # every rank's
@@ -119,14 +118,29 @@ def interrupted_and_resumed():
                 f.truncate(100)
     dist.barrier()
     setup_before = open(os.path.join(broken, "setup.json")).read()
-    try:
-        train(base_cfg(data=data, ds_config=ds, output_dir=broken, max_steps=5, learning_rate=2e-3, resume=True))
-        broken_resume = "no error"
-    except CheckpointError as e:
-        broken_resume = str(e)
+
+    def resume_error(out_dir: str) -> str:
+        try:
+            train(base_cfg(data=data, ds_config=ds, output_dir=out_dir, max_steps=5, learning_rate=2e-3, resume=True))
+            return "no error"
+        except CheckpointError as e:
+            return str(e)
+
+    broken_resume = resume_error(broken)
+    # one rank's file cut short: every rank stops with the same error, none waits for the other for good
+    one_broken = os.path.join(OUT, "one_broken")
+    if dist.get_rank() == 0:
+        shutil.copytree(cut_dir, one_broken)
+        engine_dir = os.path.join(one_broken, "checkpoints", open(os.path.join(one_broken, "checkpoints", "latest")).read().strip(), "engine")
+        with open(next(os.path.join(engine_dir, f) for f in os.listdir(engine_dir)
+                       if "zero_pp_rank_1_" in f and f.endswith("optim_states.pt")), "r+b") as f:
+            f.truncate(100)
+    dist.barrier()
+    one_rank_resume = [None] * dist.get_world_size()
+    dist.all_gather_object(one_rank_resume, resume_error(one_broken))
     index = index_data(resolve_sources(data), ChatTSProcessor.from_pretrained(CKPT), 4096)
     return {"full_summary": full, "engine_counts": calls, "stopped": stopped, "rows_before_resume": len(cut_rows),
-            "broken_resume": broken_resume,
+            "broken_resume": broken_resume, "one_rank_resume": one_rank_resume,
             "broken_setup_unchanged": open(os.path.join(broken, "setup.json")).read() == setup_before,
             "task_samples": len(index), "resume_changed": changed, "task_positions": int(index.length.sum()),
             "full": rows(full_dir), "resumed": rows(cut_dir),

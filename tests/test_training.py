@@ -38,7 +38,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(results):
     assert "step-5" in r["ckpts"] and not any(c.endswith(".tmp") for c in r["ckpts"])
     assert "would not continue the same run" in r["resume_changed"]
     assert "gradient_accumulation_steps 8 -> 4" in r["resume_changed"] and "--seed 42 -> 7" in r["resume_changed"]
-    assert "cannot be loaded" in r["broken_resume"] and r["broken_setup_unchanged"]  # a failed start changes nothing
+    assert "is cut short or corrupt (rank 0: engine/zero_pp_rank_0_" in r["broken_resume"]
+    assert "rank 1: engine/zero_pp_rank_1_" in r["broken_resume"] and r["broken_setup_unchanged"]  # a failed start changes nothing
+    # only rank 1's file cut short: both ranks stop with the one error naming it (no rank left waiting)
+    assert len(set(r["one_rank_resume"])) == 1 and "(rank 1: engine/zero_pp_rank_1_" in r["one_rank_resume"][0]
+    assert "rank 0:" not in r["one_rank_resume"][0]
 
 
 def test_every_plan_computes_the_reference_steps(results):

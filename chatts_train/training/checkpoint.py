@@ -11,10 +11,12 @@ import errno
 import os
 import random
 import shutil
+import zipfile
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..formats.adapter import replace_dir, save_adapter
 from ..errors import CheckpointError, RankError
@@ -119,9 +121,36 @@ def latest_resume(ckpt_root: str) -> str:
     return found
 
 
+def _unreadable(path: str, me: int) -> list[str]:
+    """The files of checkpoint `path` that rank `me` reads and whose zip directory cannot be read: a save cut
+    short (torch.save writes a zip archive, its directory last), found by reading only each file's end."""
+    engine_dir = os.path.join(path, "engine")
+    mine = [os.path.join(engine_dir, n) for n in sorted(os.listdir(engine_dir))
+            if n.endswith(".pt") and (n.startswith("mp_rank_") or f"zero_pp_rank_{me}_" in n)]
+    mine += [p for p in (os.path.join(path, f"rng_rank{me}.pt"),) if os.path.isfile(p)]
+    bad = []
+    for f in mine:
+        try:
+            zipfile.ZipFile(f).close()
+        except (OSError, zipfile.BadZipFile) as e:
+            bad.append(f"{os.path.relpath(f, path)} ({e})")
+    return bad
+
+
 def load_resume(engine, ckpt_root: str) -> tuple[int, dict]:
     """Restore the latest resume checkpoint; returns (optimizer step to continue from, client state)."""
     path = latest_resume(ckpt_root)
+    # Every rank checks its own files and all agree before any loads: a rank that failed inside DeepSpeed's
+    # load alone would leave the others waiting in the next collective for good.
+    bad = {rank(): _unreadable(path, rank())}
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, bad)
+        bad = {r: b for d in every for r, b in d.items()}
+    if any(bad.values()):
+        named = "; ".join(f"rank {r}: {', '.join(b)}" for r, b in sorted(bad.items()) if b)
+        raise CheckpointError(f"--resume: {path} is cut short or corrupt ({named}). Resume from an earlier "
+                              f"checkpoint by naming it in {ckpt_root}/{LATEST}")
     try:
         _, client = engine.load_checkpoint(path, tag="engine", load_module_strict=False, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
