@@ -128,21 +128,7 @@ def test_batch_equals_one_by_one_on_mixed_batches(tiny, processors):
 
 
 def test_batcher_indices_give_the_searched_steps_without_a_search(tiny, processors):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Searches(TorchDispatchMode):
-        """What makes the host wait for the GPU: a size known only after a search, a value read."""
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            boolean_index = func is torch.ops.aten.index.Tensor and any(
-                i is not None and i.dtype == torch.bool for i in args[1])
-            if boolean_index or func in (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
-                                         torch.ops.aten._local_scalar_dense.default):
-                self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from host_waits import HostWaits
 
     proc = processors["0801"]
     rng = np.random.default_rng(3)
@@ -154,7 +140,7 @@ def test_batcher_indices_give_the_searched_steps_without_a_search(tiny, processo
         grads = []
         for inputs in (batch, searched):
             model = load_model(tiny["0801"], dtype=torch.float32)
-            with Searches() as searches:
+            with HostWaits() as searches:
                 out = model(**inputs)
             out.loss_sum.backward()
             grads.append((out.loss_sum.detach(), model.model.layers[0].self_attn.q_proj.weight.grad,

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from host_waits import HostWaits
 
 WORLD, VOCAB, WIDTH = 3, 37, 8
 
@@ -33,15 +34,16 @@ def worker(rank: int, port: int, results) -> None:
     weight = zero3_weight(full, rank, WORLD)
     torch.manual_seed(1 + rank)
     ids = torch.randint(0, VOCAB, (2, 5 + rank))
-    got = vocab_parallel.embedding_lookup(weight, ids)
     n = [6, 0, 4][rank]  # rank 1 has no answer positions this step
     x = torch.randn(n, WIDTH, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, VOCAB, (n,))
     if n:
         targets[0] = vocab_parallel.local_slice(weight, x.device)[0].shared[0]  # a target in a shared row
         targets[-1] = -100
-    loss = vocab_parallel.cross_entropy_sum(x, weight, targets)
-    (loss * (rank + 1)).backward()  # a different upstream gradient on each rank
+    with HostWaits() as waits:  # none: the host can queue the whole step without waiting for the GPU
+        got = vocab_parallel.embedding_lookup(weight, ids)
+        loss = vocab_parallel.cross_entropy_sum(x, weight, targets)
+        (loss * (rank + 1)).backward()  # a different upstream gradient on each rank
     ref_x = x.detach().clone().requires_grad_()
     ref = F.cross_entropy(ref_x @ full.T, targets, reduction="sum")
     (ref * (rank + 1)).backward()
@@ -51,6 +53,7 @@ def worker(rank: int, port: int, results) -> None:
         "loss": float(loss), "ref": float(ref),
         "grad_err": float((x.grad - ref_x.grad).abs().max()) if n else 0.0,
         "grad_norm": float(ref_x.grad.norm()) if n else 0.0,
+        "host_waits": waits.seen,
     }
     dist.destroy_process_group()
 
@@ -67,4 +70,5 @@ def test_slices_give_the_lookup_loss_and_gradient_of_the_whole_matrix():
         assert got["lookup_err"] == 0.0
         assert abs(got["loss"] - got["ref"]) < 1e-9 * max(1.0, abs(got["ref"]))
         assert got["grad_err"] < 1e-9
+        assert got["host_waits"] == []
     assert results[1]["loss"] == 0.0 and results[0]["grad_norm"] > 0

@@ -82,18 +82,34 @@ def local_slice(weight: torch.Tensor, device: torch.device) -> tuple[Slice, torc
     return Slice(start, stop, width, rank, world, shared), part
 
 
-def _gather_rows(x: torch.Tensor, group, fill) -> tuple[torch.Tensor, int, int]:
-    """All ranks' `x` (rows of different counts) stacked as [world * most, ...]; returns it, this rank's row
-    count and the padded count `most`."""
-    n = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, n, group=group)
-    most = int(max(c.item() for c in counts))
+_HOST_GROUPS: dict = {}
+
+
+def _most_rows(n: int, group) -> int:
+    """The largest of every rank's `n`, exchanged on the host: read back from the GPU it would make the host
+    wait for the GPU's whole queue in the middle of the forward. Over the world group a gloo group made once,
+    by every rank at its first call (all ranks reach it together: the forward is collective anyway). DeepSpeed's
+    data-parallel group is a copy of the world group, so "every rank" is what its size says."""
+    if dist.get_backend(group) != "gloo" and dist.get_world_size(group) == dist.get_world_size():
+        if "world" not in _HOST_GROUPS:
+            _HOST_GROUPS["world"] = dist.new_group(backend="gloo")
+        group = _HOST_GROUPS["world"]
+    if dist.get_backend(group) != "gloo":  # a subgroup on the GPUs: exchanged there, with the wait
+        t = torch.tensor([n], device=torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return int(t.item())
+    t = torch.tensor([n])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.numpy()[0])  # a host tensor's value, read without dispatching a device read
+
+
+def _gather_rows(x: torch.Tensor, group, fill, most: int) -> torch.Tensor:
+    """All ranks' `x` (rows of different counts, at most `most`) stacked as [world * most, ...]."""
     padded = x.new_full((most, *x.shape[1:]), fill)
     padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in counts]
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat(parts), x.shape[0], most
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -102,12 +118,18 @@ def embedding_lookup(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     every rank of the weight's group calls it, each with its own ids."""
     group = weight.ds_process_group
     s, part = local_slice(weight, ids.device)
-    every, n, most = _gather_rows(ids.reshape(-1), group, fill=-1)
-    out = part.new_zeros(every.numel(), s.width)
-    hit = (every >= s.first_row) & (every < s.end_row)
-    out[hit] = s.whole_rows(part)[every[hit] - s.first_row]
+    n = ids.numel()
+    most = _most_rows(n, group)
+    every = _gather_rows(ids.reshape(-1), group, -1, most)
+    whole = s.whole_rows(part)
+    out = part.new_zeros(len(every), s.width)
+    if len(whole):
+        # ids held elsewhere (and the padding's -1) pick some row here and are zeroed: a masked pick, not a
+        # boolean index, whose size the host would have to wait for
+        hit = (every >= s.first_row) & (every < s.end_row)
+        out = torch.where(hit[:, None], whole[(every - s.first_row).clamp(0, len(whole) - 1)], out)
     for j, lo, hi, off in s.pieces():
-        out[every == s.shared[j], lo:hi] = part[off: off + hi - lo]
+        out[:, lo:hi] = torch.where((every == s.shared[j])[:, None], part[off: off + hi - lo], out[:, lo:hi])
     dist.all_reduce(out, group=group)  # every element is held by exactly one rank: the sum is exact
     return out.view(s.world, most, s.width)[s.rank, :n].reshape(*ids.shape, s.width)
 
@@ -137,6 +159,11 @@ def _shared_logits(x: torch.Tensor, s: Slice, part: torch.Tensor, group) -> torc
     return out
 
 
+def _in_chunk(ts: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which targets fall in vocabulary rows [c0, c1), and their column there (clamped in range for the rest)."""
+    return (ts >= c0) & (ts < c1), (ts - c0).clamp(0, c1 - c0 - 1)
+
+
 class _CrossEntropySum(torch.autograd.Function):
     """Vocabulary-parallel softmax cross-entropy. Forward: each rank the logits of its rows of the vocabulary
     for every rank's answer positions, combined through a max and a sum per position; the shared rows count
@@ -146,10 +173,11 @@ class _CrossEntropySum(torch.autograd.Function):
     def forward(ctx, x, targets, weight):
         group = weight.ds_process_group
         s, part = local_slice(weight, x.device)
-        xs, n, most = _gather_rows(x.detach(), group, fill=0)
-        ts, _, _ = _gather_rows(targets, group, fill=IGNORE_INDEX)
+        n = x.shape[0]
+        most = _most_rows(n, group)
+        xs = _gather_rows(x.detach(), group, 0, most)
+        ts = _gather_rows(targets, group, IGNORE_INDEX, most)
         shared = _shared_logits(xs, s, part, group)
-        rows = torch.arange(len(xs), device=x.device)
         acc = shared.dtype
         m = torch.full((len(xs),), float("-inf"), dtype=acc, device=x.device)
         total = torch.zeros(len(xs), dtype=acc, device=x.device)
@@ -159,8 +187,8 @@ class _CrossEntropySum(torch.autograd.Function):
             new_m = torch.maximum(m, logits.max(1).values)
             total = total * torch.exp(m - new_m) + torch.exp(logits - new_m[:, None]).sum(1)
             m = new_m
-            inside = (ts >= c0) & (ts < c1)
-            target_logit[inside] += logits[rows[inside], ts[inside] - c0]
+            inside, col = _in_chunk(ts, c0, c1)
+            target_logit += torch.where(inside, logits.gather(1, col[:, None])[:, 0], 0.0)
         if s.rank == 0 and len(s.shared):
             new_m = torch.maximum(m, shared.max(1).values)
             total = total * torch.exp(m - new_m) + torch.exp(shared - new_m[:, None]).sum(1)
@@ -190,15 +218,14 @@ class _CrossEntropySum(torch.autograd.Function):
         gs = [torch.zeros(1, dtype=acc, device=xs.device) for _ in range(s.world)]
         dist.all_gather(gs, grad.reshape(1).to(acc).contiguous(), group=group)
         g = torch.cat(gs).repeat_interleave(ctx.most) * (ts != IGNORE_INDEX)
-        rows = torch.arange(len(xs), device=xs.device)
         gx = torch.zeros(xs.shape, dtype=acc, device=xs.device)
         for c0, c1, w in _chunks(s, part, len(xs)):
             p = torch.exp((xs @ w.T).to(acc) - lse[:, None])
-            inside = (ts >= c0) & (ts < c1)
-            p[rows[inside], ts[inside] - c0] -= 1
+            inside, col = _in_chunk(ts, c0, c1)
+            p.scatter_add_(1, col[:, None], -inside[:, None].to(acc))  # softmax - one-hot
             gx += ((p * g[:, None]).to(xs.dtype) @ w).to(acc)
         if len(s.shared):
-            d = torch.exp(shared - lse[:, None]) - (ts[:, None] == torch.tensor(s.shared, device=xs.device)).to(lse.dtype)
+            d = torch.exp(shared - lse[:, None]) - torch.stack([ts == row for row in s.shared], 1).to(lse.dtype)
             d = d * g[:, None]
             for j, lo, hi, off in s.pieces():
                 gx[:, lo:hi] += d[:, j:j + 1] * part[off: off + hi - lo].to(acc)
