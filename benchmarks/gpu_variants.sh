@@ -67,6 +67,8 @@ declare -A V=(
   # the real loop on the 14B folder: the plan the job chooses, uncapped and as a 48 / 24 GiB card
   [loop_auto]="$LOOP --output_dir $W/loop_auto"
   [loop_compiled]="$LOOP --output_dir $W/loop_compiled --compile_layers true"
+  # micro-batch 2 x accumulation 4 (right-padded pairs, no attention mask since 2e93d38): beside loop_compiled
+  [loop_mb2_compiled]="$LOOP --output_dir $W/loop_mb2_compiled --compile_layers true --micro_batch 2 --grad_accum 4"
   [loop_auto_cap48]="$LOOP --output_dir $W/loop_auto_cap48 --gpu_memory_cap_gib 48"
   [loop_auto_cap24]="$LOOP --output_dir $W/loop_auto_cap24 --gpu_memory_cap_gib 24"
   [loop_reference]="$LOOP --output_dir $W/loop_reference --plan reference"
