@@ -11,6 +11,7 @@ Both matrices are frozen under LoRA, so no weight gradient is formed. A row cut 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,7 +83,10 @@ def local_slice(weight: torch.Tensor, device: torch.device) -> tuple[Slice, torc
     return Slice(start, stop, width, rank, world, shared), part
 
 
-_HOST_GROUPS: dict = {}
+@functools.cache
+def _host_world_group():
+    """A gloo group of every rank, for values the host needs from all of them (made by all ranks at once)."""
+    return dist.new_group(backend="gloo")
 
 
 def _most_rows(n: int, group) -> int:
@@ -91,9 +95,7 @@ def _most_rows(n: int, group) -> int:
     by every rank at its first call (all ranks reach it together: the forward is collective anyway). DeepSpeed's
     data-parallel group is a copy of the world group, so "every rank" is what its size says."""
     if dist.get_backend(group) != "gloo" and dist.get_world_size(group) == dist.get_world_size():
-        if "world" not in _HOST_GROUPS:
-            _HOST_GROUPS["world"] = dist.new_group(backend="gloo")
-        group = _HOST_GROUPS["world"]
+        group = _host_world_group()
     if dist.get_backend(group) != "gloo":  # a subgroup on the GPUs: exchanged there, with the wait
         t = torch.tensor([n], device=torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)

@@ -25,6 +25,11 @@ from ..ranks import barrier, rank
 LATEST = "latest"
 
 
+def _rng_file(folder: str, r: int) -> str:
+    """Where rank `r`'s RNG state lies in a resume checkpoint's folder."""
+    return os.path.join(folder, f"rng_rank{r}.pt")
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -50,7 +55,7 @@ def save_resume(engine, ckpt_root: str, step: int, keep: int = 2, extra: Optiona
         barrier()
         engine.save_checkpoint(tmp, tag="engine", client_state={"step": step, **(extra or {})}, save_latest=False,
                                exclude_frozen_parameters=True)
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank()}.pt"))
+        torch.save(_rng_state(), _rng_file(tmp, rank()))
         save_adapter(engine.module, os.path.join(tmp, "adapter"))  # ends with a barrier
     except (OSError, RuntimeError) as e:  # a full disk, a quota, a vanished mount: this rank's own failure
         if isinstance(e, RuntimeError) and not any(m in str(e) for m in DISK_FULL):
@@ -127,7 +132,8 @@ def _unreadable(path: str, me: int) -> list[str]:
     engine_dir = os.path.join(path, "engine")
     mine = [os.path.join(engine_dir, n) for n in sorted(os.listdir(engine_dir))
             if n.endswith(".pt") and (n.startswith("mp_rank_") or f"zero_pp_rank_{me}_" in n)]
-    mine += [p for p in (os.path.join(path, f"rng_rank{me}.pt"),) if os.path.isfile(p)]
+    if os.path.isfile(_rng_file(path, me)):
+        mine.append(_rng_file(path, me))
     bad = []
     for f in mine:
         try:
@@ -160,7 +166,7 @@ def load_resume(engine, ckpt_root: str) -> tuple[int, dict]:
                               f"run's settings, or from an earlier checkpoint by naming it in {ckpt_root}/{LATEST}") from None
     if client is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load the engine state")
-    rng = os.path.join(path, f"rng_rank{rank()}.pt")
+    rng = _rng_file(path, rank())
     if os.path.isfile(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
     return int(client["step"]), client
