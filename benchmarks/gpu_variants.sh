@@ -48,6 +48,9 @@ declare -A V=(
   [probe_zero2_k48_host]="$PROBE --zero-stage 2 --recompute-layers 48 --checkpoints-on-cpu --compile-layers false"
   # compiled layers (ZeRO-2's default on a GPU with Triton), on the 14B folder; --profile: the micro-step's GPU idle
   [probe_compiled_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers true --profile $OUT/prof_compiled_k0"
+  # ZeRO-1 (what the plan picks with the base whole since it stopped weighing ZeRO-2): no gradient hooks
+  [probe_compiled_k0_zero1]="$PROBE --model $MODEL --zero-stage 1 --recompute-layers 0 --compile-layers true --profile $OUT/prof_compiled_k0_zero1"
+  [probe_compiled_k0_zero1_1410]="python3 benchmarks/memprobe.py --num-gpus 1 --seq-len 1410 --json --model $MODEL --zero-stage 1 --recompute-layers 0 --compile-layers true"  # the loop's mean micro-step
   [probe_compiled_k0_cudnn]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers true --sdpa-cudnn --profile $OUT/prof_compiled_k0_cudnn"
   [probe_compiled_k24]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 24 --compile-layers true"
   [probe_compiled_k48]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 48 --compile-layers true"
@@ -67,6 +70,7 @@ declare -A V=(
   # the real loop on the 14B folder: the plan the job chooses, uncapped and as a 48 / 24 GiB card
   [loop_auto]="$LOOP --output_dir $W/loop_auto"
   [loop_compiled]="$LOOP --output_dir $W/loop_compiled --compile_layers true"
+  [loop_compiled_zero2]="$LOOP --output_dir $W/loop_compiled_zero2 --compile_layers true --zero_stage 2"  # the plan before ZeRO-1
   # micro-batch 2 x accumulation 4 (right-padded pairs, no attention mask since 2e93d38): beside loop_compiled
   [loop_mb2_compiled]="$LOOP --output_dir $W/loop_mb2_compiled --compile_layers true --micro_batch 2 --grad_accum 4"
   [loop_auto_cap48]="$LOOP --output_dir $W/loop_auto_cap48 --gpu_memory_cap_gib 48"
@@ -77,6 +81,7 @@ declare -A V=(
   # loop_compiled pin now; since 5c9fe7b a run this short is left op by op)
   [budget_auto]="$BUDGET --output_dir $W/budget_auto"
   [budget_compiled]="$BUDGET --output_dir $W/budget_compiled --compile_layers true"
+  [budget_compiled_zero2]="$BUDGET --output_dir $W/budget_compiled_zero2 --compile_layers true --zero_stage 2"
   [budget_eager]="$BUDGET --output_dir $W/budget_eager --compile_layers false"
   # a micro-step of the loop's engine by what it is fed (micro_step_ab.py): one sample repeated, new lengths, seen ones
   [ab_eager]="$AB --output_dir $W/ab_eager --compile_layers false && mkdir -p $OUT/logs/ab_eager && cp $W/ab_eager/*.txt $OUT/logs/ab_eager/"

@@ -59,7 +59,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--card", default=None, help="peak-FLOPs key for MFU (2080 Ti, H100, H200); default: detected")
     p.add_argument("--plan", choices=["auto", "reference"], default="auto",
                    help="as in training: auto, the job's choice for these cards (pins below), or the reference plan")
-    p.add_argument("--zero-stage", type=int, choices=[2, 3], default=None, help="as --zero_stage in training (a pin)")
+    p.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None, help="as --zero_stage in training (a pin)")
     p.add_argument("--recompute-layers", type=int, default=None, help="as --recompute_layers in training (a pin)")
     p.add_argument("--no-checkpointing", action="store_true", help="pin: no layer recomputed")
     p.add_argument("--checkpoints-on-cpu", action="store_true", help="pin, as --checkpoints_on_cpu true in training")

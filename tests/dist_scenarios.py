@@ -151,7 +151,7 @@ PLANS = {  # every kind of plan the chooser can pick, pinned; "auto" is what it 
     "auto": {},
     "zero2_selective": {"zero_stage": 2, "recompute_layers": 1},
     # compiled layers: the chooser's pick on a GPU with Triton; here Inductor's CPU kernels
-    "zero2_compiled": {"zero_stage": 2, "recompute_layers": 0, "compile_layers": True},
+    "zero1_compiled": {"zero_stage": 1, "recompute_layers": 0, "compile_layers": True},
     "zero2_compiled_selective": {"zero_stage": 2, "recompute_layers": 1, "compile_layers": True},
     "zero3_layers_none": {"zero_stage": 3, "gather_whole_layers": True, "recompute_layers": 0},
     "zero3_layers_host": {"zero_stage": 3, "gather_whole_layers": True, "recompute_layers": 1, "checkpoints_on_cpu": True},

@@ -50,36 +50,50 @@ def test_memory_model_errs_on_the_safe_side_where_it_misses_5_percent():
 
 def test_the_chooser_takes_the_fastest_plan_that_fits_the_cards():
     big = choose(SHAPE, Cards(1, 1, 139.0), 2158, Pins())[0]
-    assert (big.zero_stage, big.recompute_layers) == (2, 0)  # the base whole on the GPU, nothing recomputed
+    assert (big.zero_stage, big.recompute_layers) == (1, 0)  # the base whole on the GPU, nothing recomputed
     cap48 = choose(SHAPE, Cards(1, 1, 48.0, cap_gib=48.0), 2158, Pins())[0]
-    assert (cap48.zero_stage, cap48.recompute_layers) == (2, 0) and "garbage_collection_threshold" in cap48.alloc_conf
+    assert (cap48.zero_stage, cap48.recompute_layers) == (1, 0) and "garbage_collection_threshold" in cap48.alloc_conf
     at_4096 = choose(SHAPE, Cards(1, 1, 48.0, cap_gib=48.0), 4096, Pins())[0]
-    assert at_4096.zero_stage == 2 and 0 < at_4096.recompute_layers < 48  # selective recompute
+    assert at_4096.zero_stage == 1 and 0 < at_4096.recompute_layers < 48  # selective recompute
     cap24 = choose(SHAPE, Cards(1, 1, 24.0, cap_gib=24.0), 2158, Pins())[0]
     assert cap24.offload_param and cap24.whole_layers and cap24.recompute_layers == 48  # the base cannot stay
     users, ranked = choose(SHAPE, Cards(2, 1, 22.0), 2158, Pins())
     assert users.zero_stage == 3 and users.whole_layers and not users.offload_param and users.recompute_layers >= 40
     assert ranked[0].plan == users and ranked[0].why.startswith("chosen")
-    assert any("needs" in c.why for c in ranked if c.plan.zero_stage == 2)  # said why ZeRO-2 was not chosen
+    assert any("needs" in c.why for c in ranked if c.plan.zero_stage == 1)  # said why ZeRO-1 was not chosen
 
 
 def test_layers_are_compiled_where_nothing_hooks_into_them_and_torch_can_compile():
     one_gpu = choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins())[0]
-    assert one_gpu.zero_stage == 2 and one_gpu.compile_layers and "compiled layers" in one_gpu.line()
+    assert one_gpu.zero_stage == 1 and one_gpu.compile_layers and "compiled layers" in one_gpu.line()
     assert not choose(SHAPE, Cards(1, 1, 139.0), 2158, Pins())[0].compile_layers  # no Triton
     assert not choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(compile_layers=False))[0].compile_layers
     offload = choose(SHAPE, Cards(1, 1, 24.0, cap_gib=24.0, compiler=True), 2158, Pins())[0]
     assert offload.zero_stage == 3 and not offload.compile_layers  # ZeRO-3's hooks run inside a layer
-    assert choose(SHAPE, Cards(2, 1, 22.0, compiler=True), 2158, Pins(compile_layers=True))[0].zero_stage == 2
-    with pytest.raises(ValueError, match="needs ZeRO-2"):
+    assert choose(SHAPE, Cards(2, 1, 22.0, compiler=True), 2158, Pins(compile_layers=True))[0].zero_stage == 1
+    with pytest.raises(ValueError, match="needs the base whole"):
         choose(SHAPE, Cards(1, 1, 139.0), 2158, Pins(zero_stage=3, compile_layers=True), mode="reference")
     assert "--compile_layers true" in one_gpu.flags()
     # compiling (~1 minute) only where the run's micro-steps save more: the users' job (3 epochs of 421 samples,
     # 1,263 micro-steps on one GPU) yes, a 3-step trial (24) no
     assert choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(), micro_steps=1263)[0].compile_layers
     trial = choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(), micro_steps=24)[0]
-    assert trial.zero_stage == 2 and not trial.compile_layers
+    assert trial.zero_stage == 1 and not trial.compile_layers
     assert choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(compile_layers=True), micro_steps=24)[0].compile_layers
+
+
+def test_the_base_whole_runs_zero1_and_zero2_only_where_pinned():
+    # ZeRO-1 (no gradient hooks) is the one way to hold the base whole the chooser weighs; stage 2 runs as pinned
+    stages = {c.plan.zero_stage for c in choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins())[1]}
+    assert 2 not in stages and 1 in stages
+    two = choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(zero_stage=2))[0]
+    assert two.zero_stage == 2 and two.compile_layers and two.line().startswith("ZeRO-2 (base whole")
+    one = choose(SHAPE, Cards(1, 1, 139.0), 2158, Pins())[0]
+    assert predict_peak_gib(one, SHAPE, 1, 2158) == predict_peak_gib(two, SHAPE, 1, 2158)
+    # stage 1 with overlap or contiguous gradients would hook every gradient, as stage 2 does
+    zero = apply_to_ds(one, {"zero_optimization": {"overlap_comm": True, "contiguous_gradients": True}})["zero_optimization"]
+    assert (zero["stage"], zero["overlap_comm"], zero["contiguous_gradients"]) == (1, False, False)
+    assert apply_to_ds(two, {"zero_optimization": {"overlap_comm": True}})["zero_optimization"]["overlap_comm"]
 
 
 def test_pins_from_flags_and_the_deepspeed_file_are_kept():
@@ -121,6 +135,6 @@ def test_plan_command_prints_every_candidate(tiny, synthetic, capsys):
     main(["plan", "--model_path", tiny["0801"], "--data", "gdsh", "--dataset_dir", synthetic, "--ds_config",
           os.path.join(os.path.dirname(__file__), "..", "ds_config.json"), "--gpus", "2", "--gpu_gib", "22"])
     out = capsys.readouterr().out
-    assert "plans for 2 GPU" in out and "* ZeRO-2" in out and "chosen: the fastest that fits" in out
-    assert "pin a plan with its options, e.g. --zero_stage 2" in out
+    assert "plans for 2 GPU" in out and "* ZeRO-1" in out and "chosen: the fastest that fits" in out
+    assert "pin a plan with its options, e.g. --zero_stage 1" in out
     assert json.loads(json.dumps(Plan(2, False, 0, False, False, 1, False, False, "", None).as_dict()))["zero_stage"] == 2

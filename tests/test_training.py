@@ -49,9 +49,11 @@ def test_every_plan_computes_the_reference_steps(results):
     r = scenario(results, "plans")
     ref = r["reference"]
     assert ref["plan"]["zero_stage"] == 3 and not ref["plan"]["whole_layers"] and ref["setup"]["checkpointed_layers"] == 2
-    # with the ZeRO stage left to it and memory to spare, the chooser takes the fastest: ZeRO-2, nothing recomputed
-    assert r["auto"]["plan"]["zero_stage"] == 2 and r["auto"]["plan"]["recompute_layers"] == 0
-    assert r["auto"]["setup"]["zero_stage"] == 2 and r["auto"]["setup"]["checkpointed_layers"] == 0
+    # with the ZeRO stage left to it and memory to spare, the chooser takes the fastest: ZeRO-1, nothing
+    # recomputed, and no ZeRO hook on any gradient (ZeRO-2 hooks each trainable tensor)
+    assert r["auto"]["plan"]["zero_stage"] == 1 and r["auto"]["plan"]["recompute_layers"] == 0
+    assert r["auto"]["setup"]["zero_stage"] == 1 and r["auto"]["setup"]["checkpointed_layers"] == 0
+    assert r["auto"]["setup"]["gradient_hooks"] == 0 < r["zero2_selective"]["setup"]["gradient_hooks"]
     for name in PLAN_NAMES:
         got = r[name]
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
@@ -59,14 +61,14 @@ def test_every_plan_computes_the_reference_steps(results):
     # each pinned plan ran as pinned
     assert r["zero2_selective"]["setup"]["zero_stage"] == 2 and r["zero2_selective"]["setup"]["checkpointed_layers"] == 1
     assert r["auto"]["setup"]["compiled_layers"] == 0  # on the CPU the chooser does not compile
-    assert r["zero2_compiled"]["setup"]["compiled_layers"] == 2 and r["zero2_compiled"]["plan"]["compile_layers"]
+    assert r["zero1_compiled"]["setup"]["compiled_layers"] == 2 and r["zero1_compiled"]["plan"]["compile_layers"]
     assert r["zero2_compiled_selective"]["setup"]["checkpointed_layers"] == 1
     assert r["zero3_layers_host"]["setup"]["whole_layer_gathers"] and r["zero3_layers_host"]["setup"]["checkpoints_on_cpu"]
     assert not r["zero3_linear_host"]["setup"]["whole_layer_gathers"] and r["zero3_linear_host"]["setup"]["checkpoints_on_cpu"]
     assert r["zero3_offload_layers"]["setup"]["offload_param"] and r["zero3_layers_none"]["setup"]["checkpointed_layers"] == 0
 
 
-PLAN_NAMES = ("auto", "zero2_selective", "zero2_compiled", "zero2_compiled_selective", "zero3_layers_none", "zero3_layers_host", "zero3_linear_host",
+PLAN_NAMES = ("auto", "zero2_selective", "zero1_compiled", "zero2_compiled_selective", "zero3_layers_none", "zero3_layers_host", "zero3_linear_host",
               "zero3_offload_layers")
 
 

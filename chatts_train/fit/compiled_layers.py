@@ -1,4 +1,4 @@
-"""Decoder layers through torch.compile, for plans where nothing runs inside a layer but the layer (ZeRO-2: the
+"""Decoder layers through torch.compile, for plans where nothing runs inside a layer but the layer (ZeRO-1 or -2: the
 base whole on the GPU, no per-module hooks).
 
 Op by op, a 14B micro-step at the users' lengths launches ~5,500 kernels one by one from Python, and the GPU

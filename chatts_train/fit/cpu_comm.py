@@ -1,6 +1,8 @@
-"""A workaround for DeepSpeed's ZeRO-3 all-gathers on the CPU accelerator (gloo): the tests' and the demo's
-backend. Set-up calls it visibly; on GPUs it does nothing."""
+"""Workarounds for DeepSpeed's ZeRO on its CPU accelerator (gloo): the tests' and the demo's backend. Set-up
+calls them visibly; on GPUs they do nothing."""
 from __future__ import annotations
+
+import torch
 
 
 class _Completed:
@@ -10,15 +12,22 @@ class _Completed:
         pass
 
 
-def blocking_gathers_on_cpu() -> None:
-    """DeepSpeed 0.18 launches several async all-gathers and waits only for the last one ("ordered on the
-    CUDA stream"). With gloo on the CPU accelerator they are not ordered, and ZeRO-3 then reads half-gathered
-    weights: seen here as NaN or random weights after loading and run-to-run different losses. On the CPU
-    we make those gathers blocking; GPUs are left alone."""
+def fix_cpu_accelerator() -> None:
+    """Two DeepSpeed 0.18 faults that only the CPU accelerator shows, corrected there:
+
+    - ZeRO-3 launches several async all-gathers and waits only for the last one ("ordered on the CUDA stream").
+      With gloo they are not ordered, and ZeRO-3 then reads half-gathered weights: seen here as NaN or random
+      weights after loading and run-to-run different losses. Those gathers are made blocking.
+    - ZeRO-1 and -2 without gradient hooks (ZeRO-1 as the plan runs it) reduce the gradients at the optimizer
+      step in buckets by type, found by `tensor.type() == "torch.cpu.FloatTensor"`; a CPU tensor's type is
+      "torch.FloatTensor", so no bucket matched and nothing was reduced: each rank stepped on its own gradients
+      (seen here: the LoRA update of 2 ranks 2x off the reference's). Buckets are made by dtype instead.
+    """
     import deepspeed.comm as dcomm
+    import deepspeed.runtime.zero.stage_1_and_2 as zero12
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() != "cpu" or getattr(dcomm, "_chatts_blocking", False):
+    if get_accelerator().device_name() != "cpu" or getattr(dcomm, "_chatts_fixed", False):
         return
     for name in ("all_gather", "all_gather_into_tensor"):
         original = getattr(dcomm, name)
@@ -28,4 +37,10 @@ def blocking_gathers_on_cpu() -> None:
             return (handle or _Completed()) if async_op else handle
 
         setattr(dcomm, name, blocking)
-    dcomm._chatts_blocking = True
+    zero12.split_half_float_double = _buckets_by_dtype
+    dcomm._chatts_fixed = True
+
+
+def _buckets_by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    order = (torch.float16, torch.float32, torch.float64, torch.bfloat16)  # DeepSpeed's, so every rank agrees
+    return [b for b in ([t for t in tensors if t.dtype == d] for d in order) if b]

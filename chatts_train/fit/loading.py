@@ -33,7 +33,7 @@ def build_model(model_path: Optional[str], ds: dict, attn_implementation: Option
                 device: Optional[torch.device] = None) -> tuple[ChatTSForCausalLM, Optional[HfDeepSpeedConfig]]:
     """The ChatTS model in the run's dtype. Under ZeRO-3 it is built inside `zero.Init` (each rank
     materialises only its partition) and each rank reads its partition straight from the checkpoint
-    (`weights.py`). Otherwise (ZeRO-2: the frozen base whole on every GPU) it is made uninitialised on
+    (`weights.py`). Otherwise (ZeRO-1 or -2: the frozen base whole on every GPU) it is made uninitialised on
     `device` and each tensor is copied there from the memory-mapped shards, one at a time: no fp32 copy, no
     pass through host RAM beyond a tensor (from_pretrained took 130 s to a 14B step that way). With `config`
     (the path is then unused): the shape alone, filled with small random values (memory and speed probes:

@@ -1,8 +1,8 @@
 """How a run executes, decided once before any process loads the model: the plan.
 
-A plan says where the frozen base lives (ZeRO stage 2: whole on every GPU, only LoRA's gradients and
-optimizer state handled by ZeRO; stage 3: partitioned, gathered layer by layer or Linear by Linear; with
-parameter offload: in host RAM), how many decoder layers are recomputed in backward (the first
+A plan says where the frozen base lives (ZeRO stage 1, or 2 where pinned: whole on every GPU, only LoRA's
+optimizer state (and at stage 2 its gradients) partitioned by ZeRO; stage 3: partitioned, gathered layer by
+layer or Linear by Linear; with parameter offload: in host RAM), how many decoder layers are recomputed in backward (the first
 `recompute_layers`; the others keep their activations), whether the recomputed layers' checkpoints wait in
 host memory, hierarchical partitioning across nodes, and the allocator and NCCL settings. What the user
 pinned (a flag or the DeepSpeed file) stays; `choose` decides the rest: the fastest candidate whose
@@ -139,19 +139,24 @@ def env_settings(cap_gib: Optional[float], world: int) -> tuple[str, Optional[in
 
 @dataclass(frozen=True)
 class Plan:
-    zero_stage: int  # 2: the frozen base whole on every GPU; 3: partitioned across the GPUs
+    zero_stage: int  # 1 (or 2, where pinned): the frozen base whole on every GPU; 3: partitioned across the GPUs
     whole_layers: bool  # ZeRO-3: one gather per decoder layer instead of one per Linear
     recompute_layers: int  # the first N decoder layers are recomputed in backward, the others keep activations
     checkpoints_on_cpu: bool  # the recomputed layers' inputs wait in pinned host memory
     offload_param: bool  # ZeRO-3: the frozen base in host RAM, fetched layer by layer
     hpz_partition: int  # ZeRO-3 across nodes: a secondary copy partitioned inside each node (1: off)
-    compile_layers: bool  # ZeRO-2: each decoder layer's forward and backward compiled (torch.compile)
+    compile_layers: bool  # base whole: each decoder layer's forward and backward compiled (torch.compile)
     packing: bool  # several samples per row: the user's choice (it changes what a step trains on), recorded
     alloc_conf: str  # PYTORCH_CUDA_ALLOC_CONF
     nccl_max_channels: Optional[int]  # NCCL_MAX_NCHANNELS (fewer channels: less memory outside PyTorch)
 
+    @property
+    def base_whole(self) -> bool:
+        """The frozen base whole on every GPU (ZeRO-1 or -2): nothing is gathered, no hook runs inside a layer."""
+        return self.zero_stage < 3
+
     def line(self) -> str:
-        where = {2: "ZeRO-2 (base whole on each GPU)", 3: "ZeRO-3"}[self.zero_stage]
+        where = f"ZeRO-{self.zero_stage}" + (" (base whole on each GPU)" if self.base_whole else "")
         if self.zero_stage == 3:
             where += ", whole-layer gathers" if self.whole_layers else ", per-Linear gathers"
             where += ", base in host RAM" if self.offload_param else ""
@@ -175,7 +180,7 @@ class Plan:
             out += f" --gather_whole_layers {str(self.whole_layers).lower()} --offload {'param' if self.offload_param else 'none'}"
         if self.recompute_layers:
             out += f" --checkpoints_on_cpu {str(self.checkpoints_on_cpu).lower()}"
-        if self.zero_stage == 2:
+        if self.base_whole:
             out += f" --compile_layers {str(self.compile_layers).lower()}"
         return out
 
@@ -200,7 +205,7 @@ class Pins:
 # Calibrated against memprobe on 1 x H200 (benchmarks/gpu_variants.sh, RESULTS.md "Plans"): what a step
 # holds beside weights and kept activations (LoRA's weights, gradients and Adam state, the loss's
 # vocabulary chunks, the backward's transients), as a fixed part and a part per position.
-FIXED_GIB = {2: 0.55, 3: 0.45}
+FIXED_GIB = {1: 0.55, 2: 0.55, 3: 0.45}  # ZeRO-1 holds LoRA's gradients whole: 17 MB on 14B
 PER_POSITION_BYTES = 40_000
 # ZeRO-3 per-Linear gathers keep up to stage3_max_live_parameters gathered (ds_config.json: 3e8)
 PER_LINEAR_LIVE = 3e8
@@ -217,7 +222,7 @@ def weights_gib(plan: Plan, shape: Shape, world: int) -> float:
     weight for the input's gradient, and that view keeps the gathered copy alive until the layer's backward
     (measured: ZeRO-3 with offload and no layer recomputed ran out of memory under a 24 GiB cap at 2,158
     positions, predicted 13.7 GiB without this term)."""
-    if plan.zero_stage == 2:
+    if plan.base_whole:
         return shape.base_numel * shape.bytes_per_value / GiB
     return held_weights_gib(plan, shape, world) + live_numel(plan, shape) * shape.bytes_per_value / GiB
 
@@ -282,7 +287,8 @@ def need_gib(peak_gib: float, cards: Cards) -> float:
 # ------------------------------------------------------------------------------------------------- speed
 
 # Seconds per micro-step on 1 x H200, ChatTS-14B, fp16, memprobe, for each way of holding the base: (no layer
-# recomputed, all 48 recomputed). ZeRO-2: measured 2026-12-01 (RESULTS.md "Plans", gpu_variants.sh probe_*).
+# recomputed, all 48 recomputed). Base whole: measured at ZeRO-2 2026-12-01 (RESULTS.md "Plans", gpu_variants.sh
+# probe_*); ZeRO-1, which the chooser runs instead, measured 1.04-1.12x faster in the loop (2026-12-02).
 # ZeRO-3 with all recomputed: issue 17's table, same card and day. ZeRO-3 with none recomputed was not
 # measured: ZeRO-2's ratio of the two (0.65 at 1,600, 0.68 at 4,096) is applied.
 STEP_S = {
@@ -306,7 +312,7 @@ def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> floa
     rank's share of the base across (on PCIe 3.0 ~2.3 s a micro-step for 14B on 2 GPUs). On H200 much of it
     hides behind compute (measured 1.41 s a micro-step against 2.3 predicted): an upper bound that ranks
     offload last, as it should be."""
-    family = "zero2" if plan.zero_stage == 2 else ("layers" if plan.whole_layers else "linear")
+    family = "zero2" if plan.base_whole else ("layers" if plan.whole_layers else "linear")
     lo, hi = sorted(STEP_S)
     x = min(max((positions - lo) / (hi - lo), 0.0), 1.0)
     share = plan.recompute_layers / shape.layers
@@ -358,15 +364,19 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
         c = _candidate(plan, shape, cards, positions)
         return plan, [replace(c, why="the reference plan (--plan reference)")]
     rows = []
-    for stage in (2, 3):
-        for whole in ((False,) if stage == 2 else (True, False)):
-            for offload in ((False,) if stage == 2 else (False, True)):
+    # The base whole: ZeRO-1, not 2. LoRA's gradients are small (17 MB on 14B), so partitioning them saves
+    # nothing, and ZeRO-2 pays for it on the host every micro-step: a Python hook per trainable tensor (288 on
+    # 14B, ~29 ms a micro-step on 1 x H200) copying each gradient into its bucket. ZeRO-1 leaves them to
+    # autograd and reduces once per optimizer step. Stage 2 runs where it is pinned.
+    for stage in ((pinned["zero_stage"],) if "zero_stage" in pinned else (1, 3)):
+        for whole in ((False,) if stage < 3 else (True, False)):
+            for offload in ((False,) if stage < 3 else (False, True)):
                 for host in (False, True):
                     fields = dict(zero_stage=stage, whole_layers=whole, offload_param=offload, checkpoints_on_cpu=host,
                                   compile_layers=pinned.get("compile_layers"))
                     clash = [k for k, v in pinned.items() if k in fields and fields[k] != v]
                     if clash or (stage == 3 and pinned.get("compile_layers")) or (stage == 3 and not offload and cards.world == 1 and "zero_stage" not in pinned):
-                        continue  # ZeRO-3 on one GPU holds the whole base too, with gathers: stage 2 does it faster
+                        continue  # ZeRO-3 on one GPU holds the whole base too, with gathers: stage 1 does it faster
                     # host checkpoints exist only where layers are recomputed; with the base in host RAM every layer
                     # is recomputed: whole-layer gathers fetch a layer once for its recompute and backward, so
                     # recompute costs no transfer, and a kept layer holds its weights (measured under a 24 GiB
@@ -404,7 +414,7 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
 def _finish(fields: dict, cards: Cards, shape: Shape, packing: bool, positions: int,
             micro_steps: Optional[int] = None) -> Plan:
     """The settings that follow from the rest: hpZ where ZeRO-3 spans nodes and the base fits in one node's
-    GPUs (the gathers then stay inside the node, only LoRA's gradients cross); compiled layers under ZeRO-2 on
+    GPUs (the gathers then stay inside the node, only LoRA's gradients cross); compiled layers with the base whole on
     a GPU torch.compile can generate kernels for (ZeRO-3's hooks run inside a layer, between its Linears), where
     the run's micro-steps save more than compiling costs; the environment's settings."""
     fields = dict(fields)
@@ -412,12 +422,13 @@ def _finish(fields: dict, cards: Cards, shape: Shape, packing: bool, positions: 
     hpz = (cards.per_node if fields["zero_stage"] == 3 and not fields["offload_param"] and cards.nodes > 1
            and shape.base_numel * shape.bytes_per_value / GiB < 0.5 * node_gib else 1)
     compiled = fields.pop("compile_layers", None)
-    if compiled and fields["zero_stage"] != 2:
-        raise ValueError("--compile_layers true needs ZeRO-2 (--zero_stage 2): ZeRO-3 gathers weights inside a layer")
+    if compiled and fields["zero_stage"] == 3:
+        raise ValueError("--compile_layers true needs the base whole (--zero_stage 1 or 2): ZeRO-3 gathers weights "
+                         "inside a layer")
     alloc, nccl = env_settings(cards.cap_gib, cards.world)
     plan = Plan(**fields, compile_layers=bool(compiled), hpz_partition=hpz, packing=packing, alloc_conf=alloc,
                 nccl_max_channels=nccl)
-    if compiled is None and fields["zero_stage"] == 2 and cards.kind == "cuda" and cards.compiler:
+    if compiled is None and plan.base_whole and cards.kind == "cuda" and cards.compiler:
         saved = step_seconds(plan, shape, cards, positions) - step_seconds(replace(plan, compile_layers=True), shape,
                                                                             cards, positions)
         plan = replace(plan, compile_layers=micro_steps is None or saved * micro_steps > COMPILE_S)
@@ -458,6 +469,11 @@ def apply_to_ds(plan: Plan, ds: dict) -> dict:
     """The DeepSpeed config that carries out `plan` (ZeRO stage, parameter offload, hpZ)."""
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = plan.zero_stage
+    if plan.zero_stage == 1:
+        # Either one makes DeepSpeed's stage 1 hook every trainable tensor's gradient (stage_1_and_2.py), the
+        # per-micro-step host cost stage 1 is chosen to avoid (choose); its one reduction per optimizer step
+        # has nothing to overlap with.
+        zero["overlap_comm"] = zero["contiguous_gradients"] = False
     if plan.zero_stage == 3 and plan.offload_param:
         zero.setdefault("offload_param", {"device": "cpu", "pin_memory": True})
     else:

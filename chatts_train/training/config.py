@@ -41,13 +41,13 @@ class TrainConfig:
     bf16: Optional[bool] = None  # overrides bf16.enabled (cards from Ampere on)
     # how the run executes (plan.py): what is left unset here and in the DeepSpeed file, the plan decides
     plan: str = "auto"  # auto: the fastest plan predicted to fit the cards; reference: ZeRO-3, per-Linear, all recomputed
-    zero_stage: Optional[int] = None  # 2: frozen base whole on every GPU; 3: partitioned (overrides the DeepSpeed file)
+    zero_stage: Optional[int] = None  # 1 or 2: frozen base whole on every GPU; 3: partitioned (overrides the DeepSpeed file)
     offload: Optional[str] = None  # none | param | optimizer | all; overrides the DeepSpeed config
     recompute_layers: Optional[int] = None  # decoder layers recomputed in backward (0..all); the rest keep activations
     gradient_checkpointing: Optional[bool] = None  # false: recompute none; true: recompute all
     checkpoints_on_cpu: Optional[bool] = None  # the recomputed layers' inputs wait in host memory (~1.9 GiB/GPU on 14B at 4096)
     gather_whole_layers: Optional[bool] = None  # ZeRO-3 gathers a decoder layer's weights at once, not per Linear
-    compile_layers: Optional[bool] = None  # ZeRO-2: decoder layers through torch.compile (default on CUDA with Triton)
+    compile_layers: Optional[bool] = None  # base whole (ZeRO-1/2): decoder layers through torch.compile (default on CUDA with Triton)
     lean_activations: bool = True  # MLP gate and RMSNorms keep less for backward, bit-identical (~0.2 GiB per 14B layer at 4096)
     fused_kernels: bool = True  # on CUDA with Triton: those norms and the gate compiled to one kernel each (torch.compile)
     gpu_memory_cap_gib: Optional[float] = None  # cap each process's PyTorch memory (emulate a smaller card)
@@ -120,14 +120,15 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--lora_targets {cfg.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")
     if cfg.plan not in PLAN_MODES:
         problems.append(f"--plan {cfg.plan!r}: use auto (the fastest that fits) or reference")
-    if cfg.zero_stage not in (None, 2, 3):
-        problems.append(f"--zero_stage {cfg.zero_stage}: use 2 (frozen base whole on every GPU) or 3 (partitioned)")
-    if cfg.zero_stage == 2 and cfg.offload in ("param", "all"):
-        problems.append("--zero_stage 2 keeps the base on every GPU, so it cannot offload it: drop --offload param "
-                        "or use --zero_stage 3")
+    if cfg.zero_stage not in (None, 1, 2, 3):
+        problems.append(f"--zero_stage {cfg.zero_stage}: use 1 or 2 (frozen base whole on every GPU; 1 is faster "
+                        f"with LoRA) or 3 (partitioned)")
+    if cfg.zero_stage in (1, 2) and cfg.offload in ("param", "all"):
+        problems.append(f"--zero_stage {cfg.zero_stage} keeps the base on every GPU, so it cannot offload it: drop "
+                        f"--offload param or use --zero_stage 3")
     if cfg.compile_layers and cfg.zero_stage == 3:
-        problems.append("--compile_layers true needs --zero_stage 2: ZeRO-3 gathers weights inside a layer, between "
-                        "its Linears, where a compiled graph cannot stop")
+        problems.append("--compile_layers true needs --zero_stage 1 or 2: ZeRO-3 gathers weights inside a layer, "
+                        "between its Linears, where a compiled graph cannot stop")
     if cfg.recompute_layers is not None and cfg.recompute_layers < 0:
         problems.append(f"--recompute_layers {cfg.recompute_layers}: must be >= 0 (0: none recomputed)")
     if cfg.attn_implementation not in ATTENTION:

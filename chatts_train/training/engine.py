@@ -14,7 +14,7 @@ from deepspeed.accelerator import get_accelerator
 
 from ..fit.compiled_layers import compile_layers, is_compiled
 from .config import TrainConfig
-from ..fit.cpu_comm import blocking_gathers_on_cpu
+from ..fit.cpu_comm import fix_cpu_accelerator
 from ..fit.dsconfig import precision
 from ..errors import TrainingError
 from ..fit.lean_activations import (EAGER, compile_ahead, fused_kernels, fusing_unavailable, keep_fewer_activations,
@@ -79,7 +79,7 @@ def build_engine(model, ds: dict, cfg: TrainConfig, total_steps: int):
             # a static loss scaler of 1.0 and no scaling happens. fp16 weights give fp32 masters + a dynamic scaler.
             p.data = p.data.to(dtype)
     zero = ds["zero_optimization"]
-    if zero.get("stage") in (2, 3):
+    if zero.get("stage") in (1, 2, 3):
         # ZeRO allocates its gradient bucket whole (95 MiB in fp16 at 5e7 elements; DeepSpeed's default is
         # 5e8; stage 2 two of them with overlap_comm) and fills it with trainable weights' gradients only: for
         # LoRA it never needs more than all of them (8.65 M on 14B with r8 q/k/v).
@@ -133,7 +133,7 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
     transformers silently skips gradient checkpointing (measured on 14B: 40 GiB instead of 7 GiB per GPU).
 
     Returns (engine, hf_ds); keep hf_ds alive as long as the engine."""
-    blocking_gathers_on_cpu()
+    fix_cpu_accelerator()
     device = torch.device(get_accelerator().current_device_name())
     # Compiled layers fuse the lean functions' arithmetic themselves: those are traced op by op
     kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() and not plan.compile_layers else EAGER
@@ -222,6 +222,8 @@ def describe_setup(engine) -> dict:
         "trainable": trainable,
         "trainable_numel": int(sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)),
         "gradient_bucket_numel": int(getattr(engine.optimizer, "reduce_bucket_size", 0)),
+        # ZeRO's Python hooks on trainable gradients: each runs every micro-step (none at stage 1, plan.choose)
+        "gradient_hooks": len(getattr(engine.optimizer, "_grad_acc_hooks", ())),
         "zero_stage": engine.zero_optimization_stage(),
         "offload_param": bool(engine.zero_offload_param()) if engine.zero_optimization_stage() == 3 else False,
         "loss_scaler": type(getattr(engine.optimizer, "loss_scaler", None)).__name__,
