@@ -7,8 +7,8 @@ import pytest
 
 from chatts_train.training.config import TrainConfig
 from chatts_train.model.modeling import ChatTSConfig
-from chatts_train.fit.plan import (Cards, Pins, Plan, Shape, apply_to_ds, choose, env_settings, next_down, pins_of,
-                               predict_peak_gib)
+from chatts_train.fit.plan import (Cards, Pins, Plan, Shape, apply_to_ds, choose, env_settings, next_down, pinned_note,
+                               pins_of, predict_peak_gib)
 from chatts_train.model.published import chatts_config
 
 SHAPE = Shape.of(ChatTSConfig(**{k: v for k, v in chatts_config("0801").items() if k != "model_type"}), 2)
@@ -94,6 +94,8 @@ def test_the_base_whole_runs_zero1_and_zero2_only_where_pinned():
     zero = apply_to_ds(one, {"zero_optimization": {"overlap_comm": True, "contiguous_gradients": True}})["zero_optimization"]
     assert (zero["stage"], zero["overlap_comm"], zero["contiguous_gradients"]) == (1, False, False)
     assert apply_to_ds(two, {"zero_optimization": {"overlap_comm": True}})["zero_optimization"]["overlap_comm"]
+    # a pinned ZeRO-2 (a ChatTS-Training ds_z2_config.json) runs, with a word on what to pin instead
+    assert "--zero_stage 1" in pinned_note(two) and pinned_note(one) is None
 
 
 def test_pins_from_flags_and_the_deepspeed_file_are_kept():

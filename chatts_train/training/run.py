@@ -25,7 +25,7 @@ from ..fit.hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from ..fit.lean_activations import fusing_unavailable
 from .metrics import format_run_summary, gather_named, memory_snapshot, plot, summarise_run
 from ..model.modeling import ChatTSConfig, check_checkpoint
-from ..fit.plan import Plan, Shape, apply_to_ds, next_down, pins_of, plan_run, predict_peak_gib
+from ..fit.plan import Plan, Shape, apply_to_ds, next_down, pinned_note, pins_of, plan_run, predict_peak_gib
 from ..model.processor import ChatTSProcessor
 from ..ranks import ROLL_CALL, rank0_print, sign_in
 from ..formats.run_record import RECORD, data_files, read_run_record, write_run_record
@@ -132,6 +132,8 @@ def decide_plan(cfg: TrainConfig, ds: dict, config: ChatTSConfig, world: int, de
     each = "GPU" if cards.kind == "cuda" else "process"
     rank0_print(f"[plan] {plan.line()}" + (f" (predicted peak {chosen.peak_gib:.1f} GiB per {each} for the longest "
                                             f"micro-step, {positions} positions)" if chosen else " (resumed)"))
+    if pinned_note(plan) and not (record and record.get("plan")):  # a resumed run cannot change it
+        rank0_print(f"[plan] note: {pinned_note(plan)}")
     if chosen and not chosen.fits:
         rank0_print(f"[plan] warning: predicted to need {chosen.need_gib:.1f} GiB per {each} of "
                     f"{cards.usable_gib:.1f} usable; the first micro-step (the longest) will tell. The pins leave "
