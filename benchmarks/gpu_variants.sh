@@ -46,7 +46,7 @@ declare -A V=(
   [probe_zero2_k24]="$PROBE --zero-stage 2 --recompute-layers 24 --compile-layers false"
   [probe_zero2_k48]="$PROBE --zero-stage 2 --recompute-layers 48 --compile-layers false"
   [probe_zero2_k48_host]="$PROBE --zero-stage 2 --recompute-layers 48 --checkpoints-on-cpu --compile-layers false"
-  # compiled layers (ZeRO-2's default on a GPU with Triton), on the 14B folder; --profile: the micro-step's GPU idle
+  # compiled layers on the 14B folder, pinned to ZeRO-2 as measured before e11a0dc; --profile: the micro-step's GPU idle
   [probe_compiled_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers true --profile $OUT/prof_compiled_k0"
   # ZeRO-1 (what the plan picks with the base whole since it stopped weighing ZeRO-2): no gradient hooks
   [probe_compiled_k0_zero1]="$PROBE --model $MODEL --zero-stage 1 --recompute-layers 0 --compile-layers true --profile $OUT/prof_compiled_k0_zero1"

@@ -2,11 +2,11 @@
 
 A plan says where the frozen base lives (ZeRO stage 1, or 2 where pinned: whole on every GPU, only LoRA's
 optimizer state (and at stage 2 its gradients) partitioned by ZeRO; stage 3: partitioned, gathered layer by
-layer or Linear by Linear; with parameter offload: in host RAM), how many decoder layers are recomputed in backward (the first
-`recompute_layers`; the others keep their activations), whether the recomputed layers' checkpoints wait in
-host memory, hierarchical partitioning across nodes, and the allocator and NCCL settings. What the user
-pinned (a flag or the DeepSpeed file) stays; `choose` decides the rest: the fastest candidate whose
-predicted peak fits the cards with a margin. The loop, memprobe, custom loops and run.json all read the
+layer or Linear by Linear; with parameter offload: in host RAM), how many decoder layers are recomputed in
+backward (the first `recompute_layers`; the others keep their activations), whether the recomputed layers'
+checkpoints wait in host memory, hierarchical partitioning across nodes, and the allocator and NCCL settings.
+What the user pinned (a flag or the DeepSpeed file) stays; `choose` decides the rest: the fastest candidate
+whose predicted peak fits the cards with a margin. The loop, memprobe, custom loops and run.json all read the
 plan from here; nothing else decides these things.
 
 The memory model counts what each piece of a step keeps on a GPU (bytes per position of a layer's saved
@@ -292,8 +292,8 @@ def need_gib(peak_gib: float, cards: Cards) -> float:
 # ZeRO-3 with all recomputed: issue 17's table, same card and day. ZeRO-3 with none recomputed was not
 # measured: ZeRO-2's ratio of the two (0.65 at 1,600, 0.68 at 4,096) is applied.
 STEP_S = {
-    1600: {"zero2": (0.272, 0.416), "layers": (0.479, 0.733), "linear": (0.90, 1.38)},
-    4096: {"zero2": (0.487, 0.712), "layers": (0.493, 0.72), "linear": (1.02, 1.489)},
+    1600: {"whole": (0.272, 0.416), "layers": (0.479, 0.733), "linear": (0.90, 1.38)},
+    4096: {"whole": (0.487, 0.712), "layers": (0.493, 0.72), "linear": (1.02, 1.489)},
 }
 HOST_CHECKPOINTS_FACTOR = 1.10  # the recomputed layers' inputs to host memory and back (+10% at 4,096)
 # Compiled layers (ZeRO-2) against the same plan run op by op, by length: Inductor's kernels, and no Python
@@ -312,7 +312,7 @@ def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> floa
     rank's share of the base across (on PCIe 3.0 ~2.3 s a micro-step for 14B on 2 GPUs). On H200 much of it
     hides behind compute (measured 1.41 s a micro-step against 2.3 predicted): an upper bound that ranks
     offload last, as it should be."""
-    family = "zero2" if plan.base_whole else ("layers" if plan.whole_layers else "linear")
+    family = "whole" if plan.base_whole else ("layers" if plan.whole_layers else "linear")
     lo, hi = sorted(STEP_S)
     x = min(max((positions - lo) / (hi - lo), 0.0), 1.0)
     share = plan.recompute_layers / shape.layers
