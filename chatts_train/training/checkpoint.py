@@ -132,8 +132,9 @@ def _unreadable(path: str, me: int) -> list[str]:
     engine_dir = os.path.join(path, "engine")
     mine = [os.path.join(engine_dir, n) for n in sorted(os.listdir(engine_dir))
             if n.endswith(".pt") and (n.startswith("mp_rank_") or f"zero_pp_rank_{me}_" in n)]
-    if os.path.isfile(_rng_file(path, me)):
-        mine.append(_rng_file(path, me))
+    rng = _rng_file(path, me)
+    if os.path.isfile(rng):
+        mine.append(rng)
     bad = []
     for f in mine:
         try:

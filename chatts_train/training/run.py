@@ -132,8 +132,9 @@ def decide_plan(cfg: TrainConfig, ds: dict, config: ChatTSConfig, world: int, de
     each = "GPU" if cards.kind == "cuda" else "process"
     rank0_print(f"[plan] {plan.line()}" + (f" (predicted peak {chosen.peak_gib:.1f} GiB per {each} for the longest "
                                             f"micro-step, {positions} positions)" if chosen else " (resumed)"))
-    if pinned_note(plan) and not (record and record.get("plan")):  # a resumed run cannot change it
-        rank0_print(f"[plan] note: {pinned_note(plan)}")
+    note = pinned_note(plan)
+    if note and not (record and record.get("plan")):  # a resumed run cannot change it
+        rank0_print(f"[plan] note: {note}")
     if chosen and not chosen.fits:
         rank0_print(f"[plan] warning: predicted to need {chosen.need_gib:.1f} GiB per {each} of "
                     f"{cards.usable_gib:.1f} usable; the first micro-step (the longest) will tell. The pins leave "
