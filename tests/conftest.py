@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,10 +62,47 @@ def results(tiny, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            os.path.join(os.path.dirname(__file__), "dist_scenarios.py"), str(out), tiny["0801"], SCENARIOS]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    proc = run_job(cmd, timeout=1200, env=env)
     path = out / "results.json"
     assert path.exists(), f"scenarios did not finish (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return read_json(path)
+
+
+def start_job(cmd, **kw) -> subprocess.Popen:
+    """A job that starts processes of its own (a launcher and its ranks), in a process group of its own so that
+    finish_job can end all of it. Output is piped: stdout and stderr apart unless `stderr` says otherwise."""
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def finish_job(job: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """The job's result. Past `timeout` seconds the job is killed with every process it started, and the test
+    fails with its output. subprocess's own timeout kills the one process it started alone, and a rank left
+    running can hold a core of CI's two (DeepSpeed's shared-memory set-up spins at 100% waiting for a peer,
+    seen here), so that the tests after it crawl into their own timeouts. Tests give their jobs a few times
+    what they take on 2 cores: a hang costs minutes, not the CI run's whole budget."""
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_job(job)
+        out, err = job.communicate()
+        pytest.fail(f"{' '.join(map(str, job.args[:6]))} ... still ran after {timeout} s: killed with its processes"
+                    f"\n{(out or '')[-3000:]}\n{(err or '')[-3000:]}", pytrace=False)
+    finally:
+        kill_job(job)  # whatever of the job outlived it
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
+
+
+def run_job(cmd, timeout: float, **kw) -> subprocess.CompletedProcess:
+    return finish_job(start_job(cmd, **kw), timeout)
+
+
+def kill_job(job: subprocess.Popen) -> None:
+    """Every process of a job from start_job that still runs, killed."""
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def write_jsonl(path, rows):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import kill_job, run_job
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -18,7 +19,7 @@ def _faulty_run(tiny, tmp_path, port: str, **env) -> str:
            os.path.join(ROOT, "tests", "fault_main.py"), "--model_path", tiny["0801"], "--data", str(data),
            "--output_dir", str(tmp_path / "run"), "--ds_config", os.path.join(ROOT, "ds_config.json"),
            "--fp16", "false", "--offload", "none", "--max_steps", "2", "--plot", "false", "--tensorboard", "false"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_cpu_env(**env), cwd=str(tmp_path))
+    r = run_job(cmd, timeout=240, env=_cpu_env(**env), cwd=str(tmp_path))
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
     return out
@@ -81,8 +82,7 @@ def test_sigterm_to_launch_sh_stops_every_rank_cleanly_and_exits_after_them(tiny
         with pytest.raises(ProcessLookupError):  # nothing of the job outlives the script
             os.killpg(job.pid, 0)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        kill_job(job)  # what of the job outlived the script, where the check above failed
     assert "[stop] signal received: saved a resume checkpoint at step" in out, out[-3000:]
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert (run / "checkpoints" / latest / "engine").is_dir() and "Traceback" not in out
@@ -97,10 +97,10 @@ def test_without_a_launcher_one_process_trains_and_a_rerun_does_not_overwrite_it
             "--output_dir", str(tmp_path / "run"), "--ds_config", os.path.join(ROOT, "ds_config.json"), "--fp16",
             "false", "--offload", "none", "--max_steps", "1", "--plot", "false", "--tensorboard", "false"]
     env = {k: v for k, v in _cpu_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    first = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    first = run_job(args, timeout=180, env=env)
     assert first.returncode == 0 and os.path.isfile(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), \
         first.stderr[-3000:]
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    again = run_job(args, timeout=180, env=env)
     assert again.returncode == 2 and "holds a run already: continue it with --resume" in again.stderr
     assert "Traceback" not in again.stderr and (tmp_path / "run" / "checkpoints" / "step-1").is_dir()
 
@@ -190,10 +190,7 @@ def test_ranks_whose_launcher_was_killed_save_and_exit(tiny, tmp_path):
             raise AssertionError("ranks still running two minutes after their launcher was killed")
         out = job.stdout.read()
     finally:
-        try:
-            os.killpg(job.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_job(job)
     assert "[stop] the launcher is gone: saved a resume checkpoint at step" in out, out[-3000:]
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert (run / "checkpoints" / latest / "engine").is_dir()

@@ -1,9 +1,9 @@
 """examples/custom_loop.py, the public pieces put together by hand, runs under DeepSpeed's launcher."""
 import os
-import subprocess
 import sys
 
 import pytest
+from conftest import run_job
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -15,11 +15,11 @@ def test_custom_loop_example_trains_evaluates_and_saves(tiny, tmp_path):
     write_series_task(str(tmp_path / "task.jsonl"), 24, length=120, seed=0)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29543",
-                        os.path.join(ROOT, "examples", "custom_loop.py"), "--model_path", tiny["0801"], "--data",
-                        str(tmp_path / "task.jsonl"), "--output_dir", str(tmp_path / "run"), "--ds_config",
-                        os.path.join(ROOT, "ds_config.json"), "--fp16", "false", "--offload", "none", "--max_steps", "2",
-                        "--val_size", "4", "--eval_every", "1"], capture_output=True, text=True, timeout=600, env=env)
+    r = run_job([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29543",
+                 os.path.join(ROOT, "examples", "custom_loop.py"), "--model_path", tiny["0801"], "--data",
+                 str(tmp_path / "task.jsonl"), "--output_dir", str(tmp_path / "run"), "--ds_config",
+                 os.path.join(ROOT, "ds_config.json"), "--fp16", "false", "--offload", "none", "--max_steps", "2",
+                 "--val_size", "4", "--eval_every", "1"], timeout=240, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 1", "step 2"] and all("held-out loss" in x for x in lines)

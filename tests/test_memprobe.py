@@ -2,10 +2,10 @@
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from conftest import run_job
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -16,9 +16,8 @@ import setup_trace  # noqa: E402
 
 
 def probe(*args: str, port: str) -> dict:
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), *args, "--json"],
-                       capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})
+    r = run_job([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), *args, "--json"], timeout=300,
+                env={**os.environ, "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 
@@ -179,9 +178,9 @@ def test_a_worker_that_crashes_is_reported_as_a_crash_with_its_error(tiny, tmp_p
     fake = tmp_path / "deepspeed"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('deepspeed is broken here (injected by the test)')\n")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), "--model", tiny["0801"],
-                        "--num-gpus", "1", "--seq-len", "200", "--json"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(tmp_path), "MASTER_PORT": "29625"})
+    r = run_job([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), "--model", tiny["0801"],
+                 "--num-gpus", "1", "--seq-len", "200", "--json"], timeout=180,
+                env={**os.environ, "PYTHONPATH": str(tmp_path), "MASTER_PORT": "29625"})
     rep = json.loads(r.stdout)
     assert not rep["ok"] and rep["verdict"].startswith("the probe failed, so it says nothing of memory: rank 0 "
                                                         "exited with code 1: ImportError: deepspeed is broken here")
@@ -190,12 +189,11 @@ def test_a_worker_that_crashes_is_reported_as_a_crash_with_its_error(tiny, tmp_p
 @pytest.mark.slow
 def test_loop_budget_profiles_one_whole_optimizer_step_of_the_real_loop(tiny, synthetic, tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "loop_budget.py"), "--budget_step", "3",
-                        "--model_path", tiny["0801"], "--data", "gdsh,hbsn", "--dataset_dir", synthetic,
-                        "--output_dir", str(out), "--max_steps", "4", "--grad_accum", "2", "--save_steps", "0",
-                        "--plot", "false", "--tensorboard", "false", "--fp16", "false"],
-                       capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "MASTER_PORT": "29561", "OMP_NUM_THREADS": "1"})
+    r = run_job([sys.executable, os.path.join(ROOT, "benchmarks", "loop_budget.py"), "--budget_step", "3",
+                 "--model_path", tiny["0801"], "--data", "gdsh,hbsn", "--dataset_dir", synthetic,
+                 "--output_dir", str(out), "--max_steps", "4", "--grad_accum", "2", "--save_steps", "0",
+                 "--plot", "false", "--tensorboard", "false", "--fp16", "false"], timeout=180,
+                env={**os.environ, "MASTER_PORT": "29561", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     budget = json.loads((out / "budget.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -168,17 +168,20 @@ def test_two_nodes_keep_zero3_gathers_inside_each_node(tiny, tmp_path):
     import subprocess
     import sys
 
-    from conftest import read_json
+    from conftest import finish_job, kill_job, read_json, start_job
     from chatts_train.standins.synthetic import write_series_task
 
     write_series_task(str(tmp_path / "task.jsonl"), 48, length=120, seed=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     script = os.path.join(os.path.dirname(__file__), "dist_scenarios.py")
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
-                               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29535", script,
-                               str(tmp_path), tiny["0801"], "hpz_two_nodes"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
-    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    nodes = [start_job([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
+                        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29535", script,
+                        str(tmp_path), tiny["0801"], "hpz_two_nodes"], env=env, stderr=subprocess.STDOUT) for n in (0, 1)]
+    try:
+        logs = [finish_job(p, timeout=300).stdout for p in nodes]
+    finally:  # the other node too, where the first one failed
+        for p in nodes:
+            kill_job(p)
     assert (tmp_path / "results.json").exists(), logs[0][-3000:]
     r = scenario(read_json(tmp_path / "results.json"), "hpz_two_nodes")
     assert r["hpz"]["plan"]["hpz_partition"] == 2 and r["hpz"]["engine_hpz"] == 2
