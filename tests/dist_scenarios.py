@@ -514,6 +514,9 @@ def fp16_loss_scaling():
 if __name__ == "__main__":
     import deepspeed
 
+    from chatts_train.fit.cpu_comm import fix_cpu_accelerator
+
+    fix_cpu_accelerator()  # before the process group, as init_process does
     deepspeed.init_distributed()
     for name in sys.argv[3].split(","):
         run(name, globals()[name])

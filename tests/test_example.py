@@ -1,4 +1,5 @@
 """examples/custom_loop.py, the public pieces put together by hand, runs under DeepSpeed's launcher."""
+import glob
 import os
 import sys
 
@@ -15,6 +16,10 @@ def test_custom_loop_example_trains_evaluates_and_saves(tiny, tmp_path):
     write_series_task(str(tmp_path / "task.jsonl"), 24, length=120, seed=0)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
+    # DeepSpeed's shared-memory all-reduce names its segments by user, address and port (cpu_comm.py)
+    segments = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29543_*"
+    for stale in glob.glob(segments):
+        os.remove(stale)
     r = run_job([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29543",
                  os.path.join(ROOT, "examples", "custom_loop.py"), "--model_path", tiny["0801"], "--data",
                  str(tmp_path / "task.jsonl"), "--output_dir", str(tmp_path / "run"), "--ds_config",
@@ -24,3 +29,5 @@ def test_custom_loop_example_trains_evaluates_and_saves(tiny, tmp_path):
     lines = [line for line in r.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 1", "step 2"] and all("held-out loss" in x for x in lines)
     assert os.path.isfile(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    # nor was it built (the first run on a machine compiled it) or left segments behind in /dev/shm
+    assert "shm_comm" not in r.stdout + r.stderr and not glob.glob(segments)

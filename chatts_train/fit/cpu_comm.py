@@ -1,5 +1,5 @@
-"""Workarounds for DeepSpeed's ZeRO on its CPU accelerator (gloo): the tests' and the demo's backend. Set-up
-calls them visibly; on GPUs they do nothing."""
+"""Workarounds for DeepSpeed on its CPU accelerator (gloo): the tests' and the demo's backend. Process set-up
+calls them visibly, before the process group exists; on GPUs they do nothing."""
 from __future__ import annotations
 
 import torch
@@ -13,8 +13,16 @@ class _Completed:
 
 
 def fix_cpu_accelerator() -> None:
-    """Two DeepSpeed 0.18 faults that only the CPU accelerator shows, corrected there:
+    """Three DeepSpeed 0.18 faults that only the CPU accelerator shows, corrected there. Call it before
+    `deepspeed.init_distributed` (the first one acts there); later calls do nothing.
 
+    - Each process starting its process group JIT-compiles DeepSpeed's shared-memory all-reduce (~42 s with g++
+      on a fresh 2-core machine, the other ranks waiting on the build's lock file, which a build killed mid-way
+      leaves for every later start to wait on), and under DeepSpeed's launcher each rank then creates a 66 MiB
+      segment in /dev/shm that nothing removes (seen here: 132 MiB left behind by every 2-rank run) and waits,
+      with no timeout, for its peers' segments to appear (seen here with /dev/shm unwritable: both ranks spin
+      at 100% of a core and never start). Only DeepSpeed's inference all-reduce uses it, which training never
+      calls: it is not built, and gloo does every collective.
     - ZeRO-3 launches several async all-gathers and waits only for the last one ("ordered on the CUDA stream").
       With gloo they are not ordered, and ZeRO-3 then reads half-gathered weights: seen here as NaN or random
       weights after loading and run-to-run different losses. Those gathers are made blocking.
@@ -23,6 +31,8 @@ def fix_cpu_accelerator() -> None:
       "torch.FloatTensor", so no bucket matched and nothing was reduced: each rank stepped on its own gradients
       (seen here: the LoRA update of 2 ranks 2x off the reference's). Buckets are made by dtype instead.
     """
+    import importlib
+
     import deepspeed.comm as dcomm
     import deepspeed.runtime.zero.stage_1_and_2 as zero12
     from deepspeed.accelerator import get_accelerator
@@ -37,6 +47,8 @@ def fix_cpu_accelerator() -> None:
             return (handle or _Completed()) if async_op else handle
 
         setattr(dcomm, name, blocking)
+    # the module, not `deepspeed.comm.torch` as a name: that is torch itself, which deepspeed.comm imports
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # TorchBackend's "no SHM op"
     zero12.split_half_float_double = _buckets_by_dtype
     dcomm._chatts_fixed = True
 

@@ -29,7 +29,8 @@ from ..fit.plan import Plan, apply_env
 def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple[int, int, torch.device]:
     """Process group, this rank's device, seeds; returns (rank, world, device). Shared by train() and memprobe.
     The plan's allocator and NCCL settings go into the environment first (both are read later, at the first
-    allocation and the first collective)."""
+    allocation and the first collective), and on the CPU accelerator DeepSpeed's faults there are corrected
+    before the process group starts (cpu_comm.py)."""
     apply_env(gpu_memory_cap_gib, int(os.environ.get("WORLD_SIZE", "1")))
     quiet_known_warnings()
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
@@ -37,6 +38,7 @@ def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple
         # discovery ("No module named mpi4py").
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    fix_cpu_accelerator()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
@@ -133,7 +135,7 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
     transformers silently skips gradient checkpointing (measured on 14B: 40 GiB instead of 7 GiB per GPU).
 
     Returns (engine, hf_ds); keep hf_ds alive as long as the engine."""
-    fix_cpu_accelerator()
+    fix_cpu_accelerator()  # done already where init_process made the process group; a custom loop may not have
     device = torch.device(get_accelerator().current_device_name())
     # Compiled layers fuse the lean functions' arithmetic themselves: those are traced op by op
     kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() and not plan.compile_layers else EAGER
