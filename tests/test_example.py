@@ -26,6 +26,7 @@ def test_custom_loop_example_trains_evaluates_and_saves(tiny, tmp_path):
                  os.path.join(ROOT, "ds_config.json"), "--fp16", "false", "--offload", "none", "--max_steps", "2",
                  "--val_size", "4", "--eval_every", "1"], timeout=240, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "[plan] ZeRO-1 (base whole on each process)" in r.stdout  # the plan, in the CPU's words
     lines = [line for line in r.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 1", "step 2"] and all("held-out loss" in x for x in lines)
     assert os.path.isfile(tmp_path / "run" / "adapter" / "adapter_model.safetensors")

@@ -155,8 +155,9 @@ class Plan:
         """The frozen base whole on every GPU (ZeRO-1 or -2): nothing is gathered, no hook runs inside a layer."""
         return self.zero_stage < 3
 
-    def line(self) -> str:
-        where = f"ZeRO-{self.zero_stage}" + (" (base whole on each GPU)" if self.base_whole else "")
+    def line(self, device: str = "GPU") -> str:
+        """The plan in words; `device`: what a rank runs on ("process" for the CPU demo and tests)."""
+        where = f"ZeRO-{self.zero_stage}" + (f" (base whole on each {device})" if self.base_whole else "")
         if self.zero_stage == 3:
             where += ", whole-layer gathers" if self.whole_layers else ", per-Linear gathers"
             where += ", base in host RAM" if self.offload_param else ""
@@ -467,7 +468,7 @@ def format_candidates(ranked: list[Candidate], positions: int, cards: Cards) -> 
             f"{' (capped)' if cards.capped else ''}, longest micro-step {positions} positions:")
     lines = [head]
     for c in ranked:
-        lines.append(f"  {'*' if c.why.startswith('chosen') else ' '} {c.plan.line():<78} peak {c.peak_gib:5.1f} GiB, "
+        lines.append(f"  {'*' if c.why.startswith('chosen') else ' '} {c.plan.line(noun[0]):<78} peak {c.peak_gib:5.1f} GiB, "
                      f"needs {c.need_gib:5.1f}, {c.step_s:5.2f} s/micro-step (H200 scale) - {c.why}")
     return "\n".join(lines)
 

@@ -130,7 +130,7 @@ def decide_plan(cfg: TrainConfig, ds: dict, config: ChatTSConfig, world: int, de
         plan = recorded
     chosen = next((c for c in ranked if c.plan == plan), None)
     each = "GPU" if cards.kind == "cuda" else "process"
-    rank0_print(f"[plan] {plan.line()}" + (f" (predicted peak {chosen.peak_gib:.1f} GiB per {each} for the longest "
+    rank0_print(f"[plan] {plan.line(each)}" + (f" (predicted peak {chosen.peak_gib:.1f} GiB per {each} for the longest "
                                             f"micro-step, {positions} positions)" if chosen else " (resumed)"))
     note = pinned_note(plan)
     if note and not (record and record.get("plan")):  # a resumed run cannot change it
