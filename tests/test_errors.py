@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import kill_job, run_job
+from conftest import kill_job, run_job, start_job
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -68,10 +68,9 @@ def test_sigterm_to_launch_sh_stops_every_rank_cleanly_and_exits_after_them(tiny
     write_series_task(str(tmp_path / "task.jsonl"), 48, length=120, seed=0)
     run = tmp_path / "run"
     env = _cpu_env(MODEL_PATH=tiny["0801"], DATA=str(tmp_path / "task.jsonl"), OUTPUT=str(run), MASTER_PORT="29545")
-    job = subprocess.Popen(["bash", os.path.join(ROOT, "launch.sh"), "--fp16", "false", "--offload", "none",
-                            "--max_steps", "200", "--save_steps", "0", "--plot", "false", "--tensorboard", "false"],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    job = start_job(["bash", os.path.join(ROOT, "launch.sh"), "--fp16", "false", "--offload", "none",
+                     "--max_steps", "200", "--save_steps", "0", "--plot", "false", "--tensorboard", "false"],
+                    env=env, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
         while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
@@ -166,12 +165,11 @@ def test_ranks_whose_launcher_was_killed_save_and_exit(tiny, tmp_path):
 
     write_series_task(str(tmp_path / "task.jsonl"), 48, length=120, seed=0)
     run = tmp_path / "run"
-    job = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29547",
-                            "--module", "chatts_train", "--model_path", tiny["0801"], "--data", str(tmp_path / "task.jsonl"),
-                            "--output_dir", str(run), "--ds_config", os.path.join(ROOT, "ds_config.json"), "--fp16",
-                            "false", "--offload", "none", "--max_steps", "200", "--save_steps", "0", "--plot", "false",
-                            "--tensorboard", "false"], env=_cpu_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = start_job([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29547",
+                     "--module", "chatts_train", "--model_path", tiny["0801"], "--data", str(tmp_path / "task.jsonl"),
+                     "--output_dir", str(run), "--ds_config", os.path.join(ROOT, "ds_config.json"), "--fp16",
+                     "false", "--offload", "none", "--max_steps", "200", "--save_steps", "0", "--plot", "false",
+                     "--tensorboard", "false"], env=_cpu_env(), stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
         while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
