@@ -93,6 +93,11 @@ declare -A V=(
   [loop_cap48_zero2_k24]="$LOOP --output_dir $W/loop_cap48_zero2_k24 --gpu_memory_cap_gib 48 --zero_stage 2 --recompute_layers 24"
   [loop_cap24_offload_layers_k48]="$LOOP --output_dir $W/loop_cap24_offload_layers_k48 --gpu_memory_cap_gib 24 --offload param --gather_whole_layers true --recompute_layers 48"
   [loop_cap24_offload_linear_k48]="$LOOP --output_dir $W/loop_cap24_offload_linear_k48 --gpu_memory_cap_gib 24 --plan reference --offload param"
+  # the users' cards played by the H200 (--card 2080ti: no flash or cuDNN SDPA, fp16, no compiled kernels, 21.4 GiB cap):
+  # one rank of their 2-GPU plan (fake collectives), the same plan with flash on and the same kernels otherwise, the loop
+  [turing_x2_probe]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --model $MODEL --card 2080ti --seq-len 4096 --also-seq-len 2158 --json"
+  [turing_x2_probe_flash]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --model $MODEL --gpu-mem-gb 21.4 --zero-stage 3 --whole-layers --recompute-layers 47 --eager-kernels --seq-len 4096 --also-seq-len 2158 --json"
+  [turing_loop]="$LOOP --output_dir $W/turing_loop --card 2080ti"
   # two GPUs (issue 19; nvidia-h200-x2): the users' box as 2 x 22 GiB, then uncapped
   [x2_loop_auto_cap22]="$LOOP2 --output_dir $W/x2_loop_auto_cap22 --gpu_memory_cap_gib 22"
   [x2_loop_reference_cap22]="$LOOP2 --output_dir $W/x2_loop_reference_cap22 --gpu_memory_cap_gib 22 --plan reference"

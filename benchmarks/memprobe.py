@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from estimate_job import PEAK_TFLOPS, estimate_job, flops_per_micro_step
+from estimate_job import estimate_job, flops_per_micro_step
 from instruments import (GiB, DeviceSampler, PhasePeaks, count_traffic, kernel_budget, memory, outside_allocator_gib,
                          start_profile, steady_median, write_kernel_table)
 
@@ -56,7 +56,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="optimizer steps to run (the first one warms up)")
     p.add_argument("--gpu-mem-gb", type=float, default=None, help="cap each process to this many GiB")
     p.add_argument("--budget-gb", type=float, default=20.0, help="offload can go under this device-level peak (GiB)")
-    p.add_argument("--card", default=None, help="peak-FLOPs key for MFU (2080 Ti, H100, H200); default: detected")
+    p.add_argument("--card", default="auto",
+                   help="as --card in training: plan for this card (chatts_train/fit/cards.py) and, on a bigger one, run "
+                        "as it would (its missing kernels and dtypes off, memory capped to it); MFU against its rate")
+    p.add_argument("--emulate-world", type=int, default=None, metavar="N",
+                   help="one process as rank 0 of N under a fake process group (collectives are no-ops of the right "
+                        "shapes): one rank's memory and compute of an N-GPU plan on one GPU, without link time")
     p.add_argument("--plan", choices=["auto", "reference"], default="auto",
                    help="as in training: auto, the job's choice for these cards (pins below), or the reference plan")
     p.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None, help="as --zero_stage in training (a pin)")
@@ -148,7 +153,7 @@ def worker(a: argparse.Namespace) -> None:
     from chatts_train.training.loop import micro_step, step_token_scale
     from chatts_train.model.modeling import check_checkpoint
     from chatts_train.fit.dsconfig import precision
-    from chatts_train.fit.plan import Shape, apply_to_ds, plan_run, predict_peak_gib, step_seconds
+    from chatts_train.fit.plan import Shape, apply_to_ds, plan_run, predict_peak_gib, run_cap_gib, step_seconds
     from chatts_train.model.shards import checkpoint_bytes, largest_shard_bytes
 
     ours = a.recipe != "hf"  # this project's options (and --zero's knobs) apply to ours, never to the usual recipe
@@ -157,12 +162,13 @@ def worker(a: argparse.Namespace) -> None:
                       plan=a.plan if ours else "reference", recompute_layers=a.recompute_layers if ours else None,
                       zero_stage=a.zero_stage if ours else None,
                       gradient_checkpointing=False if a.no_checkpointing else None, gpu_memory_cap_gib=a.gpu_mem_gb,
+                      card=a.card,
                       checkpoints_on_cpu=pin(a.checkpoints_on_cpu),
                       gather_whole_layers=pin(a.whole_layers) if a.whole_layers else pin(a.per_linear, False),
                       lean_activations=ours and not a.plain_activations, fused_kernels=not a.eager_kernels,
                       compile_layers=(a.compile_layers == "true" if a.compile_layers else None) if ours else False,
                       packing=bool(a.pack))
-    rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
+    rank, world, device = init_process(cfg.seed, run_cap_gib(cfg.card, cfg.gpu_memory_cap_gib), a.emulate_world)
     gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
     ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
     config = check_checkpoint(a.model) if a.model else shape_config(a)
@@ -196,6 +202,10 @@ def worker(a: argparse.Namespace) -> None:
             torch.backends.cuda.enable_cudnn_sdp(True)  # after the load, which switched it off (pick_attention)
         model_bytes = checkpoint_bytes(a.model) if a.model else sum(
             getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
+        params = list(engine.module.parameters())
+        # the share of the frozen base this rank holds (ZeRO-3: 1 / world, also under an emulated world)
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        result["base_share_held"] = held / sum(getattr(p, "ds_numel", p.numel()) for p in params)
         result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
                       host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world, largest_shard_bytes(a.model) if a.model else 0))
         if gpu:
@@ -331,8 +341,9 @@ def run_probe(a: argparse.Namespace, recipe: str = "ours") -> dict:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:False"
     if a.offload:
         argv += ["--offload", a.offload]
-    procs, logs = [], [open(os.path.join(out, f"rank{r}.log"), "w+") for r in range(a.num_gpus)]
-    for r in range(a.num_gpus):  # each worker's output to its log (shown after it ends): a crash reports its error
+    workers = 1 if a.emulate_world else a.num_gpus  # an emulated world: rank 0 alone
+    procs, logs = [], [open(os.path.join(out, f"rank{r}.log"), "w+") for r in range(workers)]
+    for r in range(workers):  # each worker's output to its log (shown after it ends): a crash reports its error
         procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(r), "--out", out,
                                        "--t0", str(t0)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                                       stdout=logs[r], stderr=subprocess.STDOUT))
@@ -365,6 +376,7 @@ def last_error(text: str) -> str:
 
 
 def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -> dict:
+    from chatts_train.fit.cards import CARDS
     from chatts_train.model.published import chatts_config
 
     ok = all(r.get("ok") for r in ranks)
@@ -374,12 +386,13 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
     rep = {"ok": ok, "recipe": recipe, "offload": ranks[0].get("offload"), "zero_overrides": a.zero, "gpus": a.num_gpus,
            "plan": ranks[0].get("plan"), "plan_line": ranks[0].get("plan_line"),
            "predicted_peak_gib": ranks[0].get("predicted_peak_gib"), "predicted_step_s": ranks[0].get("predicted_step_s"),
-           "alloc_conf": alloc, "wall_s": round(wall_s, 1),
+           "alloc_conf": alloc, "wall_s": round(wall_s, 1), "emulated_world": a.emulate_world,
            "ranks": ranks, "budget_gib": a.budget_gb}
     if ok:
         seq = ranks[0]["seq_len"]
         step = max(r["micro_step_s"] for r in ranks)
-        card = a.card or next((k for k in PEAK_TFLOPS if k in ranks[0]["gpu"]), None)
+        # MFU against the card that ran the step (an emulated card's work runs on this one)
+        ran_on = next((c for c in CARDS.values() if any(m in ranks[0]["gpu"] for m in c.matches)), None)
         plan = ranks[0].get("plan") or {}
         share = plan.get("recompute_layers", cfg["num_hidden_layers"]) / cfg["num_hidden_layers"]
         model_flops, hw_flops = flops_per_micro_step(cfg, seq, share)
@@ -392,6 +405,8 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
                    host_peak_gib=round(max(r["host_peak_gib"] for r in ranks), 1),
                    host_rss_after_load_gib=round(max(r.get("host_rss_after_load_gib", 0) for r in ranks), 1),
                    host_need=ranks[0].get("host_need"), setup=ranks[0].get("setup"), losses=ranks[0].get("losses"),
+                   attention=(ranks[0].get("setup") or {}).get("attention"),
+                   sdpa_kernel=(ranks[0].get("setup") or {}).get("sdpa_kernel"),
                    link_bytes_per_micro_step={k: round(max(r["link_bytes_per_micro_step"][k] for r in ranks))
                                               for k in ranks[0].get("link_bytes_per_micro_step", {})},
                    budget=ranks[0].get("budget"), host_gbps=ranks[0].get("host_gbps"),
@@ -407,10 +422,10 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
                    estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))
         if rep["predicted_peak_gib"] and rep["peak_allocated_gib"]:  # did the plan's memory model hold? (GPU only)
             rep["prediction_error"] = round(rep["predicted_peak_gib"] / rep["peak_allocated_gib"] - 1, 4)
-        if card:
-            rep["card"] = card
-            rep["mfu"] = round(model_flops / step / (PEAK_TFLOPS[card] * 1e12), 3)
-            rep["hfu"] = round(hw_flops / step / (PEAK_TFLOPS[card] * 1e12), 3)
+        rep["card"] = plan.get("card") or (ran_on.name if ran_on else None)
+        if ran_on:
+            rep["mfu"] = round(model_flops / step / (ran_on.fp16_tflops * 1e12), 3)
+            rep["hfu"] = round(hw_flops / step / (ran_on.fp16_tflops * 1e12), 3)
         if rep.get("budget"):
             rep["job_on_2080ti"] = estimate_job(a, cfg, rep)
     rep["verdict"] = verdict(a, rep)
@@ -504,10 +519,12 @@ def main(argv=None) -> None:
     if a.json:
         print(json.dumps(rep, indent=2))
         return
-    keys = ["plan_line", "predicted_peak_gib", "prediction_error", "also", "seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
+    keys = ["plan_line", "attention", "sdpa_kernel", "predicted_peak_gib", "prediction_error", "also", "seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
             "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_rss_after_load_gib", "host_peak_gib",
             "estimated_job_s", "link_bytes_per_micro_step", "job_on_2080ti"]
-    print(f"\nmemprobe: {a.num_gpus} GPU(s), offload {rep['offload']}, cap {a.gpu_mem_gb} GiB")
+    where = (f"rank 0 of {a.emulate_world} emulated on one GPU (fake collectives: no link time in these numbers)"
+             if a.emulate_world else f"{a.num_gpus} GPU(s)")
+    print(f"\nmemprobe: {where}, card {rep.get('card') or a.card}, offload {rep['offload']}, cap {a.gpu_mem_gb} GiB")
     for k in keys:
         if k in rep:
             print(f"  {k:>22}: {rep[k]}")

@@ -113,42 +113,57 @@ class PlanTarget:
 
 
 def _plan(argv: list[str]) -> None:
-    """Every candidate plan for training's options, with its predicted memory and speed and why it was or
-    was not chosen, without loading the model."""
+    """Every candidate plan for training's options on the cards named (--card, --gpus) or found here, with its
+    predicted memory, micro-step time and, given the data, the whole job's time and what bounds it, without
+    loading the model."""
     import torch
 
     from .training.config import TrainConfig, parse_config
-    from .fit.dsconfig import precision, run_ds_config
+    from .fit.dsconfig import run_ds_config, run_precision
     from .errors import ConfigError
     from .model.modeling import config_of
-    from .fit.plan import Cards, Shape, choose, detect_cards, format_candidates, pins_of
+    from .fit.cards import card_named
+    from .fit.plan import Cards, detect_cards, format_candidates, named_cards, plan_for, with_job_times
 
     cfg, target = parse_config((TrainConfig, PlanTarget), argv)
     per_node = target.gpus or max(torch.cuda.device_count(), 1)
     world = per_node * target.nodes
     config = config_of(cfg.model_path)
-    ds = run_ds_config(cfg, world, config.hidden_size, torch.float16 if cfg.fp16 is not False else None)
-    longest, micro_steps = _run_length(cfg, ds, world)
-    positions = target.positions or longest
-    if target.gpu_gib or cfg.gpu_memory_cap_gib or not torch.cuda.is_available():
+    named = cfg.card not in (None, "", "auto")
+    half = run_precision(cfg.fp16, cfg.bf16, cfg.card) if named or torch.cuda.is_available() else (
+        None if cfg.fp16 is False else torch.bfloat16 if cfg.bf16 else torch.float16)
+    ds = run_ds_config(cfg, world, config.hidden_size, half)
+    lockstep = _lockstep_positions(cfg, ds, world)
+    positions = target.positions or (max(lockstep) if lockstep else cfg.cutoff_len)
+    size = target.gpu_gib or cfg.gpu_memory_cap_gib
+    if named:
+        cards = named_cards(card_named(cfg.card), per_node, target.nodes, size, size, target.host_gbps)
+    elif size or not torch.cuda.is_available():
         # cards named by their size: CUDA GPUs with the Triton that PyTorch's Linux wheels bring
-        cards = Cards(per_node, target.nodes, target.gpu_gib or cfg.gpu_memory_cap_gib or 0.0, cfg.gpu_memory_cap_gib,
-                      compiler=True)
+        cards = Cards(per_node, target.nodes, size or 0.0, cfg.gpu_memory_cap_gib, compiler=True)
         if not cards.usable_gib:
-            raise ConfigError(["no GPU here: say which cards to plan for, e.g. --gpus 2 --gpu_gib 22"])
+            raise ConfigError(["no GPU here: say which cards to plan for, e.g. --card 2080ti --gpus 2 (or --gpu_gib 22)"])
     else:
         cards = detect_cards(None, world, per_node)
     if target.host_gbps:
         cards = replace(cards, host_gbps=target.host_gbps)
-    shape = Shape.of(config, precision(ds).itemsize)
-    _, ranked = choose(shape, cards, positions, pins_of(cfg, ds, shape.layers), cfg.packing, cfg.plan, micro_steps)
+    _, ranked, shape = plan_for(cfg, ds, config, cards, positions, len(lockstep) if lockstep else None)
+    if lockstep:
+        ranked = with_job_times(ranked, shape, cards, lockstep)
     print(format_candidates(ranked, positions, cards))
+    if lockstep:
+        best = ranked[0]
+        print(f"the job: {len(lockstep)} micro-steps per GPU ({len(lockstep) // ds['gradient_accumulation_steps']} "
+              f"optimizer steps), {best.job[0] / 60:.0f} min predicted for the chosen plan, {best.job[1]}-bound "
+              f"(loading and saving not included)")
+    print("step times: measured on 1 x H200 (RESULTS.md), scaled by the card's data-sheet rates and links "
+          "(fit/cards.py; RESULTS.md \"Cards\" says which inputs are measured)")
     print(f"pin a plan with its options, e.g. {ranked[0].plan.flags()}")
 
 
-def _run_length(cfg, ds: dict, world: int) -> tuple[int, Optional[int]]:
-    """The run's longest micro-step and its micro-steps per rank, from its data as training samples it; the
-    cutoff and None (many) without data."""
+def _lockstep_positions(cfg, ds: dict, world: int) -> Optional[list[int]]:
+    """The positions of each of the run's micro-steps as its ranks run them together, from its data as training
+    samples it (Sampler.lockstep_positions); None without data."""
     from .data.indexing import index_data, resolve_sources, split
     from .model.processor import ChatTSProcessor
     from .data.sampler import Sampler
@@ -156,13 +171,12 @@ def _run_length(cfg, ds: dict, world: int) -> tuple[int, Optional[int]]:
     try:
         sources = resolve_sources(cfg.data, cfg.dataset_dir)
     except ChatTSTrainError:
-        return cfg.cutoff_len, None
+        return None
     index = index_data(sources, ChatTSProcessor.from_pretrained(cfg.model_path), cfg.cutoff_len, cfg.strict_data)
     train_ids, _ = split(index, cfg.val_size, cfg.seed)
     sampler = Sampler(index, train_ids, cfg.seed, ds["train_micro_batch_size_per_gpu"], world,
                       ds["gradient_accumulation_steps"], pack_to=cfg.cutoff_len if cfg.packing else 0)
-    steps = sampler.total_steps(cfg.num_epochs, cfg.max_steps)
-    return sampler.longest(steps), steps * ds["gradient_accumulation_steps"]
+    return sampler.lockstep_positions(sampler.total_steps(cfg.num_epochs, cfg.max_steps))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -67,8 +67,22 @@ def test_probe_sets_up_exactly_what_train_runs(tiny, results):
     assert shape_only["host_need"]["pinned_partition_gib"] >= 0 and shape_only["ok"]
 
 
+@pytest.mark.slow
+def test_one_rank_of_two_runs_in_one_process_with_its_partitions(tiny):
+    """--emulate-world 2: rank 0 of two under a fake process group holds half the base and steps alone."""
+    common = ("--model", tiny["0801"], "--no-offload", "--zero-stage", "3", "--whole-layers", "--seq-len", "300",
+              "--grad-accum", "2", "--steps", "1")
+    rep = probe(*common, "--emulate-world", "2", port="29625")
+    assert rep["ok"] and rep["emulated_world"] == 2 and len(rep["ranks"]) == 1
+    one = rep["ranks"][0]
+    assert one["base_share_held"] == pytest.approx(0.5, abs=0.01) and one["optimizer_steps"] == 1
+    assert "ZeRO-3, whole-layer gathers" in rep["plan_line"] and rep["sdpa_kernel"] in ("flash", "math")
+    alone = probe(*common, "--num-gpus", "1", port="29626")["ranks"][0]
+    assert alone["base_share_held"] == 1.0
+
+
 def _args(tmp_path, **kw):
-    base = dict(release="0801", model=None, config=None, budget_gb=20.0, card=None, samples=421, epochs=3.0, num_gpus=2,
+    base = dict(release="0801", model=None, config=None, budget_gb=20.0, card="auto", emulate_world=None, samples=421, epochs=3.0, num_gpus=2,
                 gpu_mem_gb=22.0, zero=[], write_config=str(tmp_path / "out.json"),
                 ds_config=os.path.join(ROOT, "ds_config.json"))
     return argparse.Namespace(**{**base, **kw})
@@ -84,7 +98,7 @@ def _rank(r, **kw):
 def test_verdicts_and_config(tmp_path):
     a = _args(tmp_path)
     fits = memprobe.summarise_probe(a, [_rank(0), _rank(1)], 60)
-    assert fits["verdict"].startswith("offload can go") and fits["card"] == "H100"
+    assert fits["verdict"].startswith("offload can go") and fits["card"] == "h100"  # cards.py's name
     assert 0 < fits["mfu"] < fits["hfu"] < 1
     no_recompute = {"recompute_layers": 0, "zero_stage": 2}
     plain = memprobe.summarise_probe(a, [_rank(0, plan=no_recompute), _rank(1, plan=no_recompute)], 60)

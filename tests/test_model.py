@@ -3,6 +3,7 @@ batch == one by one, and checkpoint errors."""
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -388,24 +389,29 @@ def test_fused_kernels_that_fail_to_compile_stop_set_up_with_the_way_out(tiny, m
     monkeypatch.setattr(engine, "fused_kernels", lambda: Kernels(*(4 * [None])))
     monkeypatch.setattr(engine, "compile_ahead", no_compiler)
     with pytest.raises(TrainingError, match="C compiler.*--fused_kernels false") as e:
-        engine.prepare_engine(TrainConfig(model_path=tiny["0801"]), {}, 10, reference_plan(2))  # before the model loads
+        # a plan with the fused kernels (as chosen on a CUDA card that compiles): set-up stops before the model loads
+        engine.prepare_engine(TrainConfig(model_path=tiny["0801"]), {}, 10, replace(reference_plan(2), fused_kernels=True))
     assert "more" not in str(e.value)  # the first line of the cause, not its whole text
 
 
 def test_whole_layer_gathers_keep_a_layer_from_recompute_to_backward(tiny):
+    from chatts_train.fit.plan import Shape, apply_to_ds, reference_plan
     from chatts_train.training.engine import decoder_layers, gather_whole_layers
 
     model = load_model(tiny["0801"], dtype=torch.float32)
     layers = decoder_layers(model)
     numel = sum(p.numel() for p in layers[0].parameters())
-    zero = {"stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 1000}
-    gather_whole_layers(model, zero)
+    assert Shape.of(model.config).layer_numel == numel  # what the plan sizes the gathers with
+    gather_whole_layers(model)
     assert all(getattr(m, "_z3_leaf", False) for m in layers)
+    plan = replace(reference_plan(2), whole_layers=True, layer_numel=numel)
+    zero = apply_to_ds(plan, {"zero_optimization": {"stage3_max_reuse_distance": 0, "stage3_max_live_parameters": 1000}})[
+        "zero_optimization"]
     # reuse 0 would gather each layer 3x per micro-step (forward, recompute, backward): one layer's worth
-    assert zero == {"stage3_max_reuse_distance": int(1.1 * numel), "stage3_max_live_parameters": int(2.2 * numel)}
-    zero = {"stage3_max_reuse_distance": 5e9}
-    gather_whole_layers(model, zero)  # larger settings and DeepSpeed's defaults stand
-    assert zero == {"stage3_max_reuse_distance": 5e9, "stage3_max_live_parameters": 1e9}
+    assert (zero["stage3_max_reuse_distance"], zero["stage3_max_live_parameters"]) == (int(1.1 * numel), int(2.2 * numel))
+    zero = apply_to_ds(plan, {"zero_optimization": {"stage3_max_reuse_distance": 5e9}})["zero_optimization"]
+    # larger settings and DeepSpeed's defaults stand
+    assert (zero["stage3_max_reuse_distance"], zero["stage3_max_live_parameters"]) == (5e9, 1e9)
 
 
 def test_selective_recompute_gives_the_gradients_of_full_recompute(tiny, processors):

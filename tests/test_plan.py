@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from chatts_train.training.config import TrainConfig
@@ -14,8 +15,8 @@ from chatts_train.model.published import chatts_config
 SHAPE = Shape.of(ChatTSConfig(**{k: v for k, v in chatts_config("0801").items() if k != "model_type"}), 2)
 
 
-def plan(stage, whole, k, host=False, offload=False, compiled=False):
-    return Plan(stage, whole, k, host, offload, 1, compiled, False, "expandable_segments:True", None)
+def plan(stage, whole, k, host=False, offload=False, compiled=False, attention="sdpa"):
+    return Plan(stage, whole, k, host, offload, 1, compiled, False, "expandable_segments:True", None, attention=attention)
 
 
 # Peak allocated GiB per GPU measured on H200 with ChatTS-14B-0801, fp16, LoRA r8 q/k/v (benchmarks/RESULTS.md,
@@ -33,6 +34,11 @@ MEASURED = [
     (plan(3, True, 48, offload=True), 1, 4096, 4.92), (plan(3, True, 48, offload=True), 1, 1600, 3.70),
     (plan(3, True, 48, host=True, offload=True), 1, 4096, 3.08), (plan(3, True, 48, host=True, offload=True), 1, 1600, 2.98),
     (plan(3, False, 48), 2, 4096, 17.20), (plan(3, False, 48, host=True), 2, 4096, 15.36),
+    # a 2080 Ti played by the H200 (--card 2080ti: K/V expanded), rank 0 of the users' 2-GPU plan, 2026-12-03
+    # (gpu_variants.sh turing_x2_probe); and the one-card loop (turing_loop: its steps' largest peak)
+    (plan(3, True, 47, attention="sdpa_expanded_kv"), 2, 4096, 18.16),
+    (plan(3, True, 47, attention="sdpa_expanded_kv"), 2, 2158, 16.85),
+    (plan(3, True, 48, offload=True, attention="sdpa_expanded_kv"), 1, 2158, 3.88),
 ]
 
 
@@ -140,3 +146,28 @@ def test_plan_command_prints_every_candidate(tiny, synthetic, capsys):
     assert "plans for 2 GPU" in out and "* ZeRO-1" in out and "chosen: the fastest that fits" in out
     assert "pin a plan with its options, e.g. --zero_stage 1" in out
     assert json.loads(json.dumps(Plan(2, False, 0, False, False, 1, False, False, "", None).as_dict()))["zero_stage"] == 2
+
+
+def test_plan_command_predicts_the_job_on_the_named_cards(tiny, synthetic, capsys):
+    from chatts_train.cli import main
+
+    main(["plan", "--model_path", tiny["0801"], "--data", "gdsh,hbsn", "--dataset_dir", synthetic, "--ds_config",
+          os.path.join(os.path.dirname(__file__), "..", "ds_config.json"), "--card", "2080ti", "--gpus", "2"])
+    out = capsys.readouterr().out
+    assert "plans for 2 2080ti GPUs" in out and "21.4 GiB usable each (capped)" in out
+    assert "K/V expanded for SDPA" in out and "s/micro-step on a 2080ti, job" in out and "-bound)" in out
+    assert "the job: " in out and "min predicted for the chosen plan" in out
+
+
+def test_lockstep_positions_are_each_micro_steps_longest_rank(tiny, synthetic, processors):
+    from chatts_train.data.indexing import index_data, resolve_sources
+    from chatts_train.data.sampler import Sampler
+
+    index = index_data(resolve_sources("gdsh,hbsn", synthetic), processors["0801"], 4096)
+    sampler = Sampler(index, np.arange(len(index)), 0, 1, 2, 3)
+    steps = sampler.total_steps(1.0)
+    lockstep = sampler.lockstep_positions(steps)
+    assert len(lockstep) == steps * 3
+    step, m = 1, 2
+    ids = [sampler.micro_batches(step, r)[m] for r in (0, 1)]
+    assert lockstep[step * 3 + m] == max(int(index.length[i].max()) for i in ids)

@@ -93,6 +93,12 @@ class Sampler:
         units = [plan[i % len(plan)] for i in range(in_epoch * per_step, (in_epoch + 1) * per_step)]
         return [units[m * self.world + rank] for m in range(self.grad_accum)]
 
+    def lockstep_positions(self, total_steps: int) -> list[int]:
+        """Positions of each micro-step of the run as the ranks run it together (each its own micro-batch; a
+        micro-step lasts as long as its longest rank's): what a job's time is predicted from."""
+        return [max(self.positions(self.micro_batches(step, r)[m]) for r in range(self.world))
+                for step in range(total_steps) for m in range(self.grad_accum)]
+
     def epoch_progress(self, step: int) -> float:
         """Epochs completed after optimizer step `step` (0-based), for logs."""
         epoch, in_epoch = self.locate(step)

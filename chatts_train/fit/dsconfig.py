@@ -108,13 +108,18 @@ def resolve_autos(ds: dict, autos: dict) -> list[str]:
     return problems
 
 
-def run_precision(fp16: Optional[bool], bf16: Optional[bool] = None) -> Optional[torch.dtype]:
+def run_precision(fp16: Optional[bool], bf16: Optional[bool] = None, card: str = "auto") -> Optional[torch.dtype]:
     """The precision "auto" means here: --fp16 / --bf16 when given; else fp16 on CUDA cards without bf16,
-    bf16 on those with it, fp32 (None) on the CPU. Asks CUDA, so call it after the process has its device."""
+    bf16 on those with it (a named `card`, cards.py, or this process's), fp32 (None) on the CPU. Asks CUDA, so
+    call it after the process has its device."""
+    from .cards import card_named
+
     if bf16:
         return torch.bfloat16
     if fp16 is not None:
         return torch.float16 if fp16 else None
+    if card not in (None, "", "auto"):
+        return torch.bfloat16 if card_named(card).bf16 else torch.float16
     if not torch.cuda.is_available():
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -12,7 +12,7 @@ from transformers.modeling_utils import no_init_weights
 
 from .dsconfig import precision
 from .hostmem import partitions_pinned_in_chunks
-from ..model.modeling import ChatTSConfig, ChatTSForCausalLM, check_checkpoint, pick_attention
+from ..model.modeling import ChatTSConfig, ChatTSForCausalLM, check_checkpoint
 from .vocab_parallel import SlicedVocabulary
 from .weights import load_into_partitions, load_whole, partitions_of
 
@@ -28,7 +28,7 @@ class PartitionOnlyInit(deepspeed.zero.Init):
         param.partition()
 
 
-def build_model(model_path: Optional[str], ds: dict, attn_implementation: Optional[str] = None,
+def build_model(model_path: Optional[str], ds: dict, attention: str = "sdpa",
                 config: Optional[ChatTSConfig] = None,
                 device: Optional[torch.device] = None) -> tuple[ChatTSForCausalLM, Optional[HfDeepSpeedConfig]]:
     """The ChatTS model in the run's dtype. Under ZeRO-3 it is built inside `zero.Init` (each rank
@@ -43,11 +43,10 @@ def build_model(model_path: Optional[str], ds: dict, attn_implementation: Option
     dtype = precision(ds)
     zero3 = ds.get("zero_optimization", {}).get("stage") == 3
     hf_ds = HfDeepSpeedConfig(ds) if zero3 else None
-    attn = pick_attention(attn_implementation)
     shape_only = config is not None
     if not shape_only:
         config = check_checkpoint(model_path)
-    config._attn_implementation = attn
+    config._attn_implementation = attention  # the plan's (plan.Plan.attention)
     with no_init_weights():
         if zero3:
             # No dtype argument: DeepSpeed 0.18 then takes it from the config (fp16 / bf16 / fp32), whereas an

@@ -20,6 +20,9 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from ..model.attention import EXPANDED_KV, choose_attention
+from .cards import CARDS, REFERENCE_CARD, Card, card_named, detected_card, resolve_card
+
 GiB = 1024 ** 3
 # Room kept free on a card beside the predicted peak: the allocator's cache over what tensors hold (8-9%
 # measured with expandable segments, HISTORY.md section 8) and the stated margin of the choice.
@@ -42,6 +45,7 @@ class Shape:
     layer_numel: int  # one decoder layer's
     bytes_per_value: int  # the run's dtype (2 in fp16 / bf16, 4 on the CPU in fp32)
     head_numel: int = 0  # lm_head's [vocab x hidden]
+    encoder_numel: int = 0  # the time-series encoder's
 
     @classmethod
     def of(cls, config, bytes_per_value: int = 2) -> "Shape":
@@ -55,13 +59,15 @@ class Shape:
         if ts.use_position_embedding:
             encoder += (ts.max_length + 1) * ts.embedding_dim
         base = (1 if config.tie_word_embeddings else 2) * config.vocab_size * h + n * layer + h + encoder
-        return cls(n, h, inter, kv, base, layer, bytes_per_value, config.vocab_size * h)
+        return cls(n, h, inter, kv, base, layer, bytes_per_value, config.vocab_size * h, encoder)
 
-    def kept_bytes_per_position(self) -> int:
+    def kept_bytes_per_position(self, expanded_kv: bool = False) -> int:
         """What one decoder layer keeps for backward per position when it is not recomputed (lean activations,
         LoRA on q/k/v, frozen Linears keep no input): both norms' inputs, LoRA's input, q, k, v and the
-        attention output for the fused attention kernel's backward, the MLP's gate and up."""
-        h, kv, inter = self.hidden, self.kv_dim, self.intermediate
+        attention output for the fused attention kernel's backward, the MLP's gate and up. With K/V expanded
+        to the query heads (cards without SDPA's flash kernel) the kernel keeps the expanded K and V."""
+        h, inter = self.hidden, self.intermediate
+        kv = h if expanded_kv else self.kv_dim
         return self.bytes_per_value * (2 * h + h + h + 2 * kv + h + 2 * inter)
 
     def checkpoint_bytes_per_position(self) -> int:
@@ -80,7 +86,10 @@ class Cards:
     cap_gib: Optional[float] = None  # a per-process cap: the allocator's cache must fit under it, the context not
     kind: str = "cuda"  # "cpu": host RAM shared by the node's ranks, no allocator or NCCL settings
     host_gbps: float = 12.0  # host-to-GPU copies (GB/s): what parameter offload moves its weights through
-    compiler: bool = False  # Triton is there: torch.compile can generate this card's kernels
+    compiler: bool = False  # Triton is there and serves this card: torch.compile can generate its kernels
+    card: Optional[Card] = None  # the card planned for (cards.py); None: the CPU, or the reference card's rates
+    emulated: bool = False  # a bigger card here plays `card`: its missing kernels and dtypes off, memory capped
+    flash_attn: bool = False  # the flash-attn package is installed
 
     @property
     def world(self) -> int:
@@ -91,9 +100,10 @@ class Cards:
         return self.cap_gib is not None
 
 
-def detect_cards(cap_gib: Optional[float], world: int, per_node: int) -> Cards:
+def detect_cards(cap_gib: Optional[float], world: int, per_node: int, card_name: str = "auto") -> Cards:
     """This rank's view of its card (call after the process has its device; the ranks then agree on the
-    smallest, see run.plan_run). Without CUDA: the node's available RAM shared by its ranks."""
+    smallest, see run.plan_run), or of the card it plays (`card_name`: capped to that card's memory, its own
+    host link). Without CUDA: the node's available RAM shared by its ranks."""
     import torch
 
     nodes = max(1, world // max(per_node, 1))
@@ -101,9 +111,32 @@ def detect_cards(cap_gib: Optional[float], world: int, per_node: int) -> Cards:
         from .hostmem import node_memory_gib
 
         return Cards(per_node, nodes, node_memory_gib()[0] / per_node, None, "cpu")
+    card, emulated = resolve_card(card_name, detected_card())
+    cap_gib = run_cap_gib(card_name, cap_gib)
     free, _ = torch.cuda.mem_get_info()
     usable = free / GiB if cap_gib is None else min(cap_gib, free / GiB)
-    return Cards(per_node, nodes, usable, cap_gib, "cuda", host_to_gpu_gbps(), importlib.util.find_spec("triton") is not None)
+    return named_cards(card, per_node, nodes, usable, cap_gib, card.host_gbps if emulated else host_to_gpu_gbps(),
+                       emulated, importlib.util.find_spec("triton") is not None)
+
+
+def named_cards(card: Card, per_node: int, nodes: int = 1, usable_gib: Optional[float] = None,
+                cap_gib: Optional[float] = None, host_gbps: Optional[float] = None, emulated: bool = False,
+                triton: bool = True) -> Cards:
+    """Cards of a kind from the table (cards.py), e.g. to plan for a machine this is not. Without `usable_gib`:
+    what PyTorch can allocate there (the card's memory less its context), as a cap."""
+    if usable_gib is None:
+        usable_gib = cap_gib = card.usable_gib
+    return Cards(per_node, nodes, usable_gib, cap_gib, "cuda", host_gbps or card.host_gbps, triton and card.compiles,
+                 card, emulated, importlib.util.find_spec("flash_attn") is not None)
+
+
+def run_cap_gib(card_name: Optional[str], cap_gib: Optional[float]) -> Optional[float]:
+    """The per-process memory cap of a run, known before CUDA starts: --gpu_memory_cap_gib, and a named card's
+    usable memory (cards.py)."""
+    if card_name in (None, "", "auto"):
+        return cap_gib
+    usable = card_named(card_name).usable_gib
+    return usable if cap_gib is None else min(cap_gib, usable)
 
 
 def host_to_gpu_gbps(nbytes: int = 256 * 1024 ** 2) -> float:
@@ -149,6 +182,15 @@ class Plan:
     packing: bool  # several samples per row: the user's choice (it changes what a step trains on), recorded
     alloc_conf: str  # PYTORCH_CUDA_ALLOC_CONF
     nccl_max_channels: Optional[int]  # NCCL_MAX_NCHANNELS (fewer channels: less memory outside PyTorch)
+    card: Optional[str] = None  # the card planned for (cards.py); None: the CPU
+    emulated: bool = False  # a bigger card plays `card`: what it lacks switched off, memory capped
+    dtype: str = "float16"  # the run's precision: float16, bfloat16, float32 (the CPU)
+    attention: str = "sdpa"  # transformers' attention implementation (sdpa: GQA in the kernel; sdpa_expanded_kv)
+    sdpa_flash: bool = True  # SDPA's flash kernel may run (sm80+, not emulating an older card); cuDNN's never
+    fused_kernels: bool = False  # the lean norms and gate as compiled kernels (op by op where layers compile)
+    gpu_memory_cap_gib: Optional[float] = None  # PyTorch's memory per process (--gpu_memory_cap_gib, a named card)
+    trainable_numel: int = 0  # caps ZeRO's gradient bucket (0: the DeepSpeed file's)
+    layer_numel: int = 0  # ZeRO-3 whole-layer gathers: what two layers live and one reused mean in elements
 
     @property
     def base_whole(self) -> bool:
@@ -165,10 +207,14 @@ class Plan:
         parts = [where, f"recompute {self.recompute_layers} layers"]
         if self.compile_layers:
             parts.append("compiled layers")
+        if self.attention == EXPANDED_KV:
+            parts.append("K/V expanded for SDPA")
         if self.recompute_layers and self.checkpoints_on_cpu:
             parts.append("checkpoints in host RAM")
         if self.packing:
             parts.append("packed")
+        if self.emulated:
+            parts.append(f"as a {self.card} ({self.gpu_memory_cap_gib:.1f} GiB)")
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
@@ -196,9 +242,12 @@ class Pins:
     checkpoints_on_cpu: Optional[bool] = None
     offload_param: Optional[bool] = None
     compile_layers: Optional[bool] = None
+    # what the run asks of the card, granted where the card has it (not a pin of the layout)
+    attention: Optional[str] = None  # --attn_implementation
+    fused_kernels: bool = True  # --fused_kernels (with --lean_activations)
 
     def pinned(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in ("attention", "fused_kernels")}
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -255,7 +304,8 @@ def activations_gib(plan: Plan, shape: Shape, positions: int) -> float:
 def held_activations_gib(plan: Plan, shape: Shape, positions: int, layers_kept: Optional[int] = None) -> float:
     """What the kept layers (`layers_kept`, by default all not recomputed) and the checkpoints hold."""
     k = plan.recompute_layers
-    kept = (shape.layers - k if layers_kept is None else layers_kept) * shape.kept_bytes_per_position()
+    kept = (shape.layers - k if layers_kept is None else layers_kept) * shape.kept_bytes_per_position(
+        plan.attention == EXPANDED_KV)
     ckpt = 0 if plan.checkpoints_on_cpu else k * shape.checkpoint_bytes_per_position()
     return positions * (kept + ckpt) / GiB
 
@@ -306,28 +356,107 @@ COMPILED_STEP_RATIO = {1600: 0.711, 4096: 0.909}
 COMPILE_S = 60.0
 
 
-def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> float:
-    """Predicted seconds per micro-step on the reference card (ranking only: it is the ratios that count),
-    interpolated in length and in the share of layers recomputed. Parameter offload adds its copies at this
-    machine's host-to-GPU rate, as if unhidden: each pass over the layers (forward, backward) brings this
-    rank's share of the base across (on PCIe 3.0 ~2.3 s a micro-step for 14B on 2 GPUs). On H200 much of it
-    hides behind compute (measured 1.41 s a micro-step against 2.3 predicted): an upper bound that ranks
-    offload last, as it should be."""
-    family = "whole" if plan.base_whole else ("layers" if plan.whole_layers else "linear")
+# The card model (cards.py): the H200's measured step times above, scaled to another card by its data-sheet
+# rates. On 1 x H200 the GEMMs ran at 0.68 of the 989 TFLOPS data sheet (658-691 TFLOPS), SDPA's flash kernel at
+# 0.19 and the memory-efficient one with K/V expanded at 0.098 (2.70 / 5.30 ms a layer's forward and backward at
+# 4,096 positions); another card is taken to reach the same shares of its own rates (RESULTS.md "Cards").
+GEMM_SHARE = 0.68
+ATTENTION_SHARE = {"flash": 0.19, "memory-efficient": 0.098}
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """A micro-step on the planned card: its compute, and the bytes it moves between GPUs (ZeRO-3's gathers)
+    and over the host link (parameter offload), which DeepSpeed prefetches on their own streams behind the
+    compute. On a PCIe box both kinds of traffic share the host's lanes, so the links add up."""
+
+    compute_s: float
+    gpu_link_s: float = 0.0
+    host_link_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return max(self.compute_s, self.gpu_link_s + self.host_link_s)
+
+    @property
+    def bound(self) -> str:
+        if self.compute_s >= self.gpu_link_s + self.host_link_s:
+            return "compute"
+        return "GPU link" if self.gpu_link_s >= self.host_link_s else "host link"
+
+
+def step_flops(shape: Shape, positions: int, recomputed_share: float) -> tuple[float, float]:
+    """(GEMM, attention) FLOPs of a LoRA micro-step: frozen Linears need no weight gradients, so forward 2N and
+    the input gradient 2N per position, and the recomputed share's forward again; causal attention 2 T^2 h a
+    layer forward, twice that backward."""
+    h, kv, inter, n = shape.hidden, shape.kv_dim, shape.intermediate, shape.layers
+    linear = n * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    attention = 2 * positions * positions * h * n
+    return (4 + 2 * recomputed_share) * linear * positions, (3 + recomputed_share) * attention
+
+
+def reference_seconds(plan: Plan, shape: Shape, positions: int, family: Optional[str] = None) -> float:
+    """Seconds per micro-step of `plan`'s compute on the reference card (1 x H200, flash attention), interpolated
+    in length and in the share of layers recomputed; `family`: the table's row to read (default: the plan's)."""
+    family = family or ("whole" if plan.base_whole else ("layers" if plan.whole_layers else "linear"))
     lo, hi = sorted(STEP_S)
     x = min(max((positions - lo) / (hi - lo), 0.0), 1.0)
     share = plan.recompute_layers / shape.layers
     at = {n: t[0] + share * (t[1] - t[0]) for n, t in ((n, STEP_S[n][family]) for n in (lo, hi))}
     s = at[lo] + x * (at[hi] - at[lo])
     s *= positions / (lo + x * (hi - lo))  # beyond the table's lengths, time follows length
-    if plan.offload_param:  # per-Linear gathers fetch a recomputed layer again for its backward
-        passes = 2 + (0 if plan.whole_layers else share)
-        s += passes * shape.base_numel * shape.bytes_per_value / cards.world / (cards.host_gbps * 1e9)
     if plan.checkpoints_on_cpu and plan.recompute_layers:
         s *= HOST_CHECKPOINTS_FACTOR
     if plan.compile_layers:
         s *= COMPILED_STEP_RATIO[lo] + x * (COMPILED_STEP_RATIO[hi] - COMPILED_STEP_RATIO[lo])
     return s
+
+
+def step_time(plan: Plan, shape: Shape, cards: Cards, positions: int) -> StepTime:
+    """A micro-step of `plan` on `cards` (the reference card's rates where none is named). Compute: the
+    reference time of the GPU's work (the base-whole row) split into GEMMs, attention (at the rate of the kernel
+    the plan's attention runs on) and the rest (elementwise: memory bandwidth), each scaled to the card, plus
+    what ZeRO-3 adds on the reference card (its hooks on the host: not scaled). Links: per pass over the layers, each rank
+    receives the other ranks' share of every decoder layer (ZeRO-3), or brings its own share from host memory
+    (parameter offload; and the loss's vocabulary slice); two passes (forward, recompute + backward), per-Linear
+    gathers a recomputed layer once more."""
+    ref, card = CARDS[REFERENCE_CARD], cards.card or CARDS[REFERENCE_CARD]
+    share = plan.recompute_layers / shape.layers
+    gemm, attention = step_flops(shape, positions, share)
+    kernel = "memory-efficient" if plan.attention == EXPANDED_KV else "flash"
+    ref_s = reference_seconds(plan, shape, positions, "whole")
+    overhead = reference_seconds(plan, shape, positions) - ref_s
+    ref_gemm = gemm / (ref.fp16_tflops * 1e12 * GEMM_SHARE)
+    ref_attention = attention / (ref.fp16_tflops * 1e12 * ATTENTION_SHARE["flash"])
+    other = max(ref_s - ref_gemm - ref_attention, 0.0)
+    on_card = (gemm / (card.fp16_tflops * 1e12 * GEMM_SHARE) + attention / (card.fp16_tflops * 1e12 * ATTENTION_SHARE[kernel])
+               + other * ref.memory_gbps / card.memory_gbps)
+    compute = ref_s * on_card / (ref_gemm + ref_attention + other) + overhead
+    if plan.base_whole:
+        return StepTime(compute)
+    passes = 2 + (0 if plan.whole_layers else share)
+    layers_bytes = shape.layers * shape.layer_numel * shape.bytes_per_value
+    group = cards.per_node if plan.hpz_partition > 1 else cards.world
+    gpu = passes * layers_bytes * (group - 1) / group / (card.peer_gbps * 1e9) if not plan.offload_param else 0.0
+    host = 0.0
+    if plan.offload_param:
+        host = (passes * layers_bytes + shape.head_numel * shape.bytes_per_value) / cards.world / (cards.host_gbps * 1e9)
+    return StepTime(compute, gpu, host)
+
+
+def step_seconds(plan: Plan, shape: Shape, cards: Cards, positions: int) -> float:
+    return step_time(plan, shape, cards, positions).total_s
+
+
+def job_time(plan: Plan, shape: Shape, cards: Cards, lockstep: list[int]) -> tuple[float, str]:
+    """(seconds, what bounds most of them) of a run's micro-steps (`lockstep`: each one's positions, the longest
+    rank's), compiling included; loading and saving left out."""
+    times = {n: step_time(plan, shape, cards, n) for n in set(lockstep)}
+    total = sum(times[n].total_s for n in lockstep) + (COMPILE_S if plan.compile_layers else 0.0)
+    by_bound: dict[str, float] = {}
+    for n in lockstep:
+        by_bound[times[n].bound] = by_bound.get(times[n].bound, 0.0) + times[n].total_s
+    return total, max(by_bound, key=by_bound.get)
 
 
 # ------------------------------------------------------------------------------------------------ choice
@@ -340,6 +469,7 @@ class Candidate:
     step_s: float
     fits: bool
     why: str = ""
+    job: Optional[tuple[float, str]] = None  # the whole run's seconds and its bound (with_job_times)
 
 
 REFERENCE = dict(zero_stage=3, whole_layers=False, checkpoints_on_cpu=False, offload_param=False)
@@ -353,15 +483,19 @@ def reference_plan(layers: int) -> Plan:
 
 
 def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool = False,
-           mode: str = "auto", micro_steps: Optional[int] = None) -> tuple[Plan, list[Candidate]]:
+           mode: str = "auto", micro_steps: Optional[int] = None, trainable_numel: int = 0,
+           dtype: Optional[str] = None) -> tuple[Plan, list[Candidate]]:
     """The plan of a run and every candidate weighed, best first. `mode` "reference": the plan every other is
     tested against (ZeRO-3, per-Linear gathers, every layer recomputed), pins applied on top. `micro_steps`: how
-    many the run has per rank (None: many), which decides whether compiling the layers pays."""
+    many the run has per rank (None: many), which decides whether compiling the layers pays. `trainable_numel`:
+    what ZeRO's gradient bucket needs at most (0: the DeepSpeed file's bucket). `dtype`: the run's precision (None:
+    float16, or float32 where values take 4 bytes)."""
     pinned = pins.pinned()
     n = shape.layers
+    execution = _execution(shape, cards, pins, trainable_numel, dtype)
     if mode == "reference":
         fields = {**REFERENCE, "recompute_layers": n, **pinned}
-        plan = _finish(fields, cards, shape, packing, positions, micro_steps)
+        plan = _finish(fields, cards, shape, packing, positions, micro_steps, execution)
         c = _candidate(plan, shape, cards, positions)
         return plan, [replace(c, why="the reference plan (--plan reference)")]
     rows = []
@@ -388,7 +522,8 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
                         continue
                     best = None
                     for k in ks:  # the fewest recomputed layers that fit: each one recomputed costs time
-                        plan = _finish({**fields, "recompute_layers": k}, cards, shape, packing, positions, micro_steps)
+                        plan = _finish({**fields, "recompute_layers": k}, cards, shape, packing, positions, micro_steps,
+                                       execution)
                         c = _candidate(plan, shape, cards, positions)
                         best = best or c
                         if c.fits:
@@ -412,8 +547,21 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
     return chosen.plan, ranked
 
 
+def _execution(shape: Shape, cards: Cards, pins: Pins, trainable_numel: int, dtype: Optional[str] = None) -> dict:
+    """The plan's fields that follow from the card alone: precision, attention, kernels, memory cap, sizes."""
+    card = cards.card if cards.kind == "cuda" else None
+    sdpa_flash = card is None or card.sdpa_flash
+    attention = choose_attention(card.capability if card else None, sdpa_flash, cards.flash_attn, pins.attention)
+    dtype = dtype or ("float32" if shape.bytes_per_value == 4 else "float16")
+    if dtype == "bfloat16" and card is not None and not card.bf16:
+        raise ValueError(f"bf16 is on, but a {card.name} has no bf16: run fp16 (--fp16 true, or fp16 in the DeepSpeed file)")
+    return dict(card=card.name if card else None, emulated=cards.emulated, dtype=dtype, attention=attention,
+                sdpa_flash=sdpa_flash, fused_kernels=pins.fused_kernels and cards.kind == "cuda" and cards.compiler,
+                gpu_memory_cap_gib=cards.cap_gib, trainable_numel=trainable_numel, layer_numel=shape.layer_numel)
+
+
 def _finish(fields: dict, cards: Cards, shape: Shape, packing: bool, positions: int,
-            micro_steps: Optional[int] = None) -> Plan:
+            micro_steps: Optional[int] = None, execution: Optional[dict] = None) -> Plan:
     """The settings that follow from the rest: hpZ where ZeRO-3 spans nodes and the base fits in one node's
     GPUs (the gathers then stay inside the node, only LoRA's gradients cross); compiled layers with the base whole on
     a GPU torch.compile can generate kernels for (ZeRO-3's hooks run inside a layer, between its Linears), where
@@ -428,11 +576,13 @@ def _finish(fields: dict, cards: Cards, shape: Shape, packing: bool, positions: 
                          "inside a layer")
     alloc, nccl = env_settings(cards.cap_gib, cards.world)
     plan = Plan(**fields, compile_layers=bool(compiled), hpz_partition=hpz, packing=packing, alloc_conf=alloc,
-                nccl_max_channels=nccl)
+                nccl_max_channels=nccl, **(execution or _execution(shape, cards, Pins(), 0)))
     if compiled is None and plan.base_whole and cards.kind == "cuda" and cards.compiler:
         saved = step_seconds(plan, shape, cards, positions) - step_seconds(replace(plan, compile_layers=True), shape,
                                                                             cards, positions)
         plan = replace(plan, compile_layers=micro_steps is None or saved * micro_steps > COMPILE_S)
+    if plan.compile_layers:  # Inductor fuses the lean functions' arithmetic itself
+        plan = replace(plan, fused_kernels=False)
     return plan
 
 
@@ -461,24 +611,45 @@ def pinned_note(plan: Plan) -> Optional[str]:
     return None
 
 
+def with_job_times(ranked: list[Candidate], shape: Shape, cards: Cards, lockstep: list[int]) -> list[Candidate]:
+    """Each candidate with its predicted time for the whole run (`lockstep`: Sampler.lockstep_positions)."""
+    return [replace(c, job=job_time(c.plan, shape, cards, lockstep)) for c in ranked]
+
+
 def format_candidates(ranked: list[Candidate], positions: int, cards: Cards) -> str:
     noun = ("GPU", "GPUs") if cards.kind == "cuda" else ("CPU process", "CPU processes")
-    where = f"{cards.world} {noun[cards.world > 1]}"
+    card = cards.card.name if cards.card else None
+    where = f"{cards.world} {card + ' ' if card else ''}{noun[cards.world > 1]}"
     head = (f"plans for {where} ({cards.per_node} per node x {cards.nodes}), {cards.usable_gib:.1f} GiB usable each"
             f"{' (capped)' if cards.capped else ''}, longest micro-step {positions} positions:")
     lines = [head]
+    scale = f"on a {card}" if card else f"({REFERENCE_CARD} scale)"
     for c in ranked:
+        job = f", job {c.job[0] / 60:.0f} min ({c.job[1]}-bound)" if c.job else ""
         lines.append(f"  {'*' if c.why.startswith('chosen') else ' '} {c.plan.line(noun[0]):<78} peak {c.peak_gib:5.1f} GiB, "
-                     f"needs {c.need_gib:5.1f}, {c.step_s:5.2f} s/micro-step (H200 scale) - {c.why}")
+                     f"needs {c.need_gib:5.1f}, {c.step_s:5.2f} s/micro-step {scale}{job} - {c.why}")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- the run's plan
 
 def apply_to_ds(plan: Plan, ds: dict) -> dict:
-    """The DeepSpeed config that carries out `plan` (ZeRO stage, parameter offload, hpZ)."""
+    """The DeepSpeed config that carries out `plan` (precision, ZeRO stage, parameter offload, hpZ, the gradient
+    bucket and whole-layer gather sizes): the one place a run's DeepSpeed dict is changed after it is read."""
+    if plan.dtype != "float32":
+        ds.setdefault("fp16", {})["enabled"] = plan.dtype == "float16"
+        ds.setdefault("bf16", {})["enabled"] = plan.dtype == "bfloat16"
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = plan.zero_stage
+    if plan.trainable_numel:
+        # ZeRO allocates its gradient bucket whole (95 MiB in fp16 at 5e7 elements; DeepSpeed's default is 5e8) and
+        # fills it with trainable weights' gradients only: for LoRA it never needs more than all of them.
+        zero["reduce_bucket_size"] = min(int(zero.get("reduce_bucket_size", 5e8)), plan.trainable_numel)
+    if plan.zero_stage == 3 and plan.whole_layers:
+        # a gathered layer is kept from its recompute to its backward (reuse distance of one layer), and two may be
+        # live so the next one arrives while one computes (training/engine.py, gather_whole_layers)
+        zero["stage3_max_reuse_distance"] = max(int(zero.get("stage3_max_reuse_distance", 1e9)), int(1.1 * plan.layer_numel))
+        zero["stage3_max_live_parameters"] = max(int(zero.get("stage3_max_live_parameters", 1e9)), int(2.2 * plan.layer_numel))
     if plan.zero_stage == 1:
         # Either one makes DeepSpeed's stage 1 hook every trainable tensor's gradient (stage_1_and_2.py), the
         # per-micro-step host cost stage 1 is chosen to avoid (choose); its one reduction per optimizer step
@@ -491,6 +662,16 @@ def apply_to_ds(plan: Plan, ds: dict) -> dict:
     if plan.hpz_partition > 1:
         zero["zero_hpz_partition_size"] = plan.hpz_partition
     return ds
+
+
+def execute(plan: Plan) -> None:
+    """The plan's process-wide switches, set once before the model is built (prepare_engine): SDPA's cuDNN kernel
+    off (it plans anew for every sequence length, ~0.14 s a 14B micro-step on 1 x H200: RESULTS.md), its flash
+    kernel off where the planned card has none (so a bigger card runs a Turing card's kernels)."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(plan.sdpa_flash)
 
 
 def apply_env(cap_gib: Optional[float], world: int) -> None:
@@ -517,7 +698,31 @@ def pins_of(cfg, ds_file: dict, layers: int) -> Pins:
         recompute = layers if cfg.gradient_checkpointing else 0
     return Pins(zero_stage=None if stage in (None, "auto") else int(stage), whole_layers=cfg.gather_whole_layers,
                 recompute_layers=recompute, checkpoints_on_cpu=cfg.checkpoints_on_cpu, offload_param=offload,
-                compile_layers=cfg.compile_layers)
+                compile_layers=cfg.compile_layers, attention=cfg.attn_implementation,
+                fused_kernels=cfg.fused_kernels and cfg.lean_activations)
+
+
+def trainable_numel(cfg, shape: Shape) -> int:
+    """LoRA's weights for the run's targets and rank (8.65 M on 14B with r8 q/k/v), and the encoder's where it
+    trains too (an upper bound for LoRA on it)."""
+    h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate
+    sides = {"q_proj": h + h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": h + h, "gate_proj": h + inter,
+             "up_proj": h + inter, "down_proj": inter + h}
+    lora = shape.layers * cfg.lora_rank * sum(sides[t] for t in cfg.lora_target_list)
+    return lora + (shape.encoder_numel if cfg.lora_encoder or cfg.train_encoder else 0)
+
+
+def plan_for(cfg, ds: dict, config, cards: Cards, positions: int,
+             micro_steps: Optional[int] = None) -> tuple[Plan, list[Candidate], Shape]:
+    """The plan of a run with these options, DeepSpeed file and model config on these cards, every candidate
+    weighed, and the model's shape: what training, memprobe and `chatts-train plan` all decide with."""
+    from .dsconfig import precision
+
+    dtype = precision(ds)
+    shape = Shape.of(config, dtype.itemsize)
+    plan, ranked = choose(shape, cards, positions, pins_of(cfg, ds, shape.layers), cfg.packing, cfg.plan, micro_steps,
+                          trainable_numel(cfg, shape), str(dtype).removeprefix("torch."))
+    return plan, ranked, shape
 
 
 def plan_run(cfg, ds: dict, config, positions: int, world: int, device,
@@ -528,18 +733,17 @@ def plan_run(cfg, ds: dict, config, positions: int, world: int, device,
     import torch
     import torch.distributed as dist
 
-    from .dsconfig import precision
     from .hostmem import ranks_on_this_node
 
-    shape = Shape.of(config, precision(ds).itemsize)
-    cards = detect_cards(cfg.gpu_memory_cap_gib, world, ranks_on_this_node(world))
+    cards = detect_cards(cfg.gpu_memory_cap_gib, world, ranks_on_this_node(world), cfg.card)
     usable = torch.tensor([cards.usable_gib], dtype=torch.float64, device=device)
     dist.all_reduce(usable, op=dist.ReduceOp.MIN)
     cards = replace(cards, usable_gib=float(usable.item()))
-    plan, ranked = choose(shape, cards, positions, pins_of(cfg, ds, shape.layers), cfg.packing, cfg.plan, micro_steps)
+    plan, ranked, _ = plan_for(cfg, ds, config, cards, positions, micro_steps)
     return plan, ranked, cards
 
 
-__all__ = ["Cards", "Candidate", "Pins", "Plan", "Shape", "apply_env", "apply_to_ds", "choose", "env_settings",
-           "format_candidates", "next_down", "pinned_note", "pins_of", "plan_run", "predict_peak_gib", "reference_plan",
-           "step_seconds"]
+__all__ = ["Cards", "Candidate", "Pins", "Plan", "Shape", "StepTime", "apply_env", "apply_to_ds", "choose", "detect_cards",
+           "env_settings", "execute", "format_candidates", "job_time", "named_cards", "next_down", "pinned_note", "pins_of",
+           "plan_for", "plan_run", "predict_peak_gib", "reference_plan", "run_cap_gib", "step_seconds", "step_time",
+           "trainable_numel", "with_job_times"]

@@ -85,8 +85,9 @@ def local_slice(weight: torch.Tensor, device: torch.device) -> tuple[Slice, torc
 
 @functools.cache
 def _host_world_group():
-    """A gloo group of every rank, for values the host needs from all of them (made by all ranks at once)."""
-    return dist.new_group(backend="gloo")
+    """A gloo group of every rank, for values the host needs from all of them (made by all ranks at once); under
+    an emulated world (torch's fake process group, engine.init_process) the world group itself, on the host too."""
+    return dist.group.WORLD if dist.get_backend() == "fake" else dist.new_group(backend="gloo")
 
 
 def _most_rows(n: int, group) -> int:
@@ -94,9 +95,10 @@ def _most_rows(n: int, group) -> int:
     wait for the GPU's whole queue in the middle of the forward. Over the world group a gloo group made once,
     by every rank at its first call (all ranks reach it together: the forward is collective anyway). DeepSpeed's
     data-parallel group is a copy of the world group, so "every rank" is what its size says."""
-    if dist.get_backend(group) != "gloo" and dist.get_world_size(group) == dist.get_world_size():
+    on_host = ("gloo", "fake")
+    if dist.get_backend(group) not in on_host and dist.get_world_size(group) == dist.get_world_size():
         group = _host_world_group()
-    if dist.get_backend(group) != "gloo":  # a subgroup on the GPUs: exchanged there, with the wait
+    if dist.get_backend(group) not in on_host:  # a subgroup on the GPUs: exchanged there, with the wait
         t = torch.tensor([n], device=torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return int(t.item())

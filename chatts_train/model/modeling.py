@@ -11,6 +11,7 @@ is known before the forward and labels line up; the k-th row goes to the k-th `<
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -22,10 +23,12 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import CheckpointError, read_json_object
+from .attention import choose_attention, register
 from .timeseries import TSSpec
 from ..tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
 from .shards import check_shard, missing_shards, weight_map
 
+register()  # the attention of cards without SDPA's flash kernel (attention.py), known to transformers
 
 
 class ChatTSConfig(Qwen2Config):
@@ -220,31 +223,15 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
 
 
 def pick_attention(requested: Optional[str] = None) -> str:
-    """SDPA unless asked otherwise; FlashAttention-2 only where it exists and runs (sm80+).
-
-    On a Turing card SDPA dispatches to the memory-efficient kernel, the fastest exact one there. SDPA's cuDNN
-    kernel is left out: cuDNN plans it anew for every sequence length, ~1-2 ms of host time per layer and call
-    (~0.14 s per micro-step of the 14B shape on 1 x H200, benchmarks/RESULTS.md), and no two of the users'
-    samples have to share a length; PyTorch's flash kernel (sm80+) needs no plan.
-    """
+    """The attention of a model loaded outside training (generation, evaluation, merging) on this process's
+    device: attention.choose_attention for its card. SDPA's cuDNN kernel is left out: cuDNN plans it anew for
+    every sequence length (~0.14 s per micro-step of the 14B shape on 1 x H200, benchmarks/RESULTS.md)."""
     if requested == "eager":
         return requested
     torch.backends.cuda.enable_cudnn_sdp(False)
-    if requested == "sdpa":
-        return requested
-    fa2_ok = False
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
-        try:
-            import flash_attn  # noqa: F401
-
-            fa2_ok = True
-        except ImportError:
-            pass
-    if requested == "flash_attention_2" and not fa2_ok:
-        raise ValueError("flash_attention_2 needs the flash-attn package and an sm80+ GPU; use sdpa instead")
-    if requested not in (None, "auto", "flash_attention_2"):
-        raise ValueError(f"unknown attention implementation {requested!r}: use sdpa, flash_attention_2 or eager")
-    return "flash_attention_2" if fa2_ok else "sdpa"
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    flash = capability is not None and capability >= (8, 0) and torch.backends.cuda.flash_sdp_enabled()
+    return choose_attention(capability, flash, importlib.util.find_spec("flash_attn") is not None, requested)
 
 
 def read_chatts_config(path: str) -> dict:

@@ -50,6 +50,7 @@ class TrainConfig:
     compile_layers: Optional[bool] = None  # base whole (ZeRO-1/2): decoder layers through torch.compile (default on CUDA with Triton)
     lean_activations: bool = True  # MLP gate and RMSNorms keep less for backward, bit-identical (~0.2 GiB per 14B layer at 4096)
     fused_kernels: bool = True  # on CUDA with Triton: those norms and the gate compiled to one kernel each (torch.compile)
+    card: str = "auto"  # the GPU to plan for (2080ti, 3090, 4090, a100-40, a100-80, h100, h200); on a bigger one, run as it
     gpu_memory_cap_gib: Optional[float] = None  # cap each process's PyTorch memory (emulate a smaller card)
     attn_implementation: Optional[str] = None  # sdpa (default), flash_attention_2 (sm80+), eager
     seed: int = 42
@@ -131,6 +132,14 @@ def check_config(cfg: TrainConfig) -> None:
                         "between its Linears, where a compiled graph cannot stop")
     if cfg.recompute_layers is not None and cfg.recompute_layers < 0:
         problems.append(f"--recompute_layers {cfg.recompute_layers}: must be >= 0 (0: none recomputed)")
+    if cfg.card not in (None, "", "auto"):
+        from ..fit.cards import card_named
+
+        try:
+            if cfg.bf16 and not card_named(cfg.card).bf16:
+                problems.append(f"--bf16 on --card {cfg.card}: that card has no bf16; use --fp16 true")
+        except ChatTSTrainError as e:
+            problems.append(str(e))
     if cfg.attn_implementation not in ATTENTION:
         problems.append(f"--attn_implementation {cfg.attn_implementation!r}: use sdpa, eager or flash_attention_2")
     for name, ok, need in (("lora_rank", cfg.lora_rank > 0, "> 0"), ("cutoff_len", cfg.cutoff_len > 0, "> 0"),

@@ -23,14 +23,19 @@ from ..fit.loading import build_model
 from .lora import add_lora
 from ..model.modeling import ChatTSConfig, check_checkpoint
 from .optim import make_optimizer, warmup_cosine
-from ..fit.plan import Plan, apply_env
+from ..fit.plan import Plan, apply_env, execute
 
 
-def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple[int, int, torch.device]:
+def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None,
+                 emulate_world: Optional[int] = None) -> tuple[int, int, torch.device]:
     """Process group, this rank's device, seeds; returns (rank, world, device). Shared by train() and memprobe.
     The plan's allocator and NCCL settings go into the environment first (both are read later, at the first
     allocation and the first collective), and on the CPU accelerator DeepSpeed's faults there are corrected
-    before the process group starts (cpu_comm.py)."""
+    before the process group starts (cpu_comm.py). `emulate_world` N: this process is rank 0 of N whose
+    collectives are no-ops of the right shapes (torch's fake process group), so its partitions, gathered buffers
+    and kernels are those of one rank of N, and no time is spent on links."""
+    if emulate_world:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(emulate_world))
     apply_env(gpu_memory_cap_gib, int(os.environ.get("WORLD_SIZE", "1")))
     quiet_known_warnings()
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
@@ -39,6 +44,10 @@ def init_process(seed: int, gpu_memory_cap_gib: Optional[float] = None) -> tuple
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     fix_cpu_accelerator()
+    if emulate_world:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=emulate_world)
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
@@ -81,12 +90,6 @@ def build_engine(model, ds: dict, cfg: TrainConfig, total_steps: int):
             # a static loss scaler of 1.0 and no scaling happens. fp16 weights give fp32 masters + a dynamic scaler.
             p.data = p.data.to(dtype)
     zero = ds["zero_optimization"]
-    if zero.get("stage") in (1, 2, 3):
-        # ZeRO allocates its gradient bucket whole (95 MiB in fp16 at 5e7 elements; DeepSpeed's default is
-        # 5e8; stage 2 two of them with overlap_comm) and fills it with trainable weights' gradients only: for
-        # LoRA it never needs more than all of them (8.65 M on 14B with r8 q/k/v).
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-        zero["reduce_bucket_size"] = min(int(zero.get("reduce_bucket_size", 5e8)), trainable)
     optimizer = make_optimizer(model, cfg, cpu_adam=bool(zero.get("offload_optimizer")))
     schedule = warmup_cosine(int(cfg.warmup_ratio * total_steps), total_steps, cfg.min_lr_ratio)
     engine, *_ = deepspeed.initialize(
@@ -127,9 +130,9 @@ def accumulate_zero2_gradients(optimizer) -> None:
 def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, shape: Optional[ChatTSConfig] = None):
     """The one way a training engine is made: `train()`, `benchmarks/memprobe.py` and custom loops all call
     it, so what is measured is what runs. `ds` already carries out `plan` (plan.apply_to_ds); the plan says
-    how many layers are recomputed, where their checkpoints wait, how ZeRO-3 gathers and whether the layers are
-    compiled (compiled_layers.py). On CUDA, where the layers are not compiled, the fused
-    norm and gate kernels compiled first; model loaded from `cfg.model_path` (or, with `shape`, built from
+    how many layers are recomputed, where their checkpoints wait, how ZeRO-3 gathers, whether the layers are
+    compiled (compiled_layers.py), which attention runs and which SDPA kernels may (plan.execute). Where the plan
+    says so, the fused norm and gate kernels compiled first; model loaded from `cfg.model_path` (or, with `shape`, built from
     config alone), LoRA with reentrant checkpointing, trainable weights in the run's dtype, DeepSpeed engine
     with a checked loss scaler, and training mode: `from_pretrained` returns eval mode, and in eval mode
     transformers silently skips gradient checkpointing (measured on 14B: 40 GiB instead of 7 GiB per GPU).
@@ -137,8 +140,8 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
     Returns (engine, hf_ds); keep hf_ds alive as long as the engine."""
     fix_cpu_accelerator()  # done already where init_process made the process group; a custom loop may not have
     device = torch.device(get_accelerator().current_device_name())
-    # Compiled layers fuse the lean functions' arithmetic themselves: those are traced op by op
-    kernels = fused_kernels() if cfg.fused_kernels and not fusing_unavailable() and not plan.compile_layers else EAGER
+    execute(plan)
+    kernels = fused_kernels() if plan.fused_kernels and not fusing_unavailable() else EAGER
     if cfg.lean_activations and kernels is not EAGER:
         config = shape if shape is not None else check_checkpoint(cfg.model_path)
         try:
@@ -149,7 +152,7 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
             raise TrainingError(f"compiling the fused norm and gate kernels failed ({type(e).__name__}: {first}); "
                                 "run with --fused_kernels false: the same arithmetic, op by op") from e
         get_accelerator().empty_cache()  # nothing else is on the GPU yet: give the trial runs' memory back
-    model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, cfg.attn_implementation,
+    model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, plan.attention,
                                config=shape, device=device)
     if cfg.lean_activations:
         keep_fewer_activations(model, kernels)
@@ -159,7 +162,7 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
         torch.manual_seed(cfg.seed)
         model = add_lora(model, cfg, plan.recompute_layers, plan.checkpoints_on_cpu)
     if plan.zero_stage == 3 and plan.whole_layers:
-        gather_whole_layers(model, ds["zero_optimization"])
+        gather_whole_layers(model)
     if plan.compile_layers:
         compile_layers(decoder_layers(model))
     engine = build_engine(model, ds, cfg, total_steps)
@@ -167,20 +170,14 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
     return engine, hf_ds
 
 
-def gather_whole_layers(model: torch.nn.Module, zero: dict) -> None:
+def gather_whole_layers(model: torch.nn.Module) -> None:
     """One all-gather and one hook pair per decoder layer instead of per Linear: the hooks' CPU time is where
     a ZeRO-3 micro-step's GPU sits idle (benchmarks/HISTORY.md, the micro-step budget). A gathered layer is
-    kept from its recompute to its backward (reuse distance of one layer; else it is gathered 3x per
-    micro-step, not 2x), and two layers may be live so the next one arrives while one computes (measured on
-    14B at 4,096 tokens: 0.91 s per micro-step vs 0.95 s with one, 1.1-1.5 s per Linear; +0.7 GiB allocated)."""
+    kept from its recompute to its backward and two may be live (the plan's sizes, plan.apply_to_ds: measured on
+    14B at 4,096 tokens 0.91 s per micro-step vs 0.95 s with one live, 1.1-1.5 s per Linear; +0.7 GiB allocated)."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    layers = decoder_layers(model)
-    set_z3_leaf_modules(model, [type(layers[0])])
-    numel = sum(getattr(p, "ds_numel", p.numel()) for p in layers[0].parameters())
-    # DeepSpeed's defaults (1e9) where the config says nothing
-    zero["stage3_max_reuse_distance"] = max(int(zero.get("stage3_max_reuse_distance", 1e9)), int(1.1 * numel))
-    zero["stage3_max_live_parameters"] = max(int(zero.get("stage3_max_live_parameters", 1e9)), int(2.2 * numel))
+    set_z3_leaf_modules(model, [type(decoder_layers(model)[0])])
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -213,6 +210,7 @@ def describe_setup(engine) -> dict:
         "checkpointing_reentrant": _reentrant(model),
         "input_requires_grad_hook": getattr(model.get_base_model(), "_require_grads_hook", None) is not None,
         "attention": model.config._attn_implementation,
+        "sdpa_kernel": training_sdpa_kernel(model),
         "checkpoints_on_cpu": bool(getattr(model.get_base_model(), "checkpoints_on_cpu", False)),
         "whole_layer_gathers": any(getattr(m, "_z3_leaf", False) for m in layers),
         "compiled_layers": sum(map(is_compiled, layers)),
@@ -230,6 +228,18 @@ def describe_setup(engine) -> dict:
         "offload_param": bool(engine.zero_offload_param()) if engine.zero_optimization_stage() == 3 else False,
         "loss_scaler": type(getattr(engine.optimizer, "loss_scaler", None)).__name__,
     }
+
+
+def training_sdpa_kernel(model) -> Optional[str]:
+    """The SDPA kernel that serves this model's training attention on this process's device, as PyTorch's
+    dispatcher picks it now (None where SDPA is not used)."""
+    from ..model.attention import sdpa_backend
+
+    c = model.config
+    device = torch.device(get_accelerator().current_device_name())
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return sdpa_backend(c._attn_implementation, device, dtype, c.num_attention_heads, c.num_key_value_heads,
+                        c.hidden_size // c.num_attention_heads)
 
 
 def _reentrant(model) -> Optional[bool]:

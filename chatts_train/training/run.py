@@ -25,7 +25,8 @@ from ..fit.hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from ..fit.lean_activations import fusing_unavailable
 from .metrics import format_run_summary, gather_named, memory_snapshot, plot, summarise_run
 from ..model.modeling import ChatTSConfig, check_checkpoint
-from ..fit.plan import Plan, Shape, apply_to_ds, next_down, pinned_note, pins_of, plan_run, predict_peak_gib
+from ..fit.plan import (Plan, Shape, apply_to_ds, next_down, pinned_note, pins_of, plan_run, predict_peak_gib,
+                        run_cap_gib)
 from ..model.processor import ChatTSProcessor
 from ..ranks import ROLL_CALL, rank0_print, sign_in
 from ..formats.run_record import RECORD, data_files, read_run_record, write_run_record
@@ -64,9 +65,9 @@ def setup(cfg: TrainConfig) -> Run:
     model into a training engine and resume. What can fail without the model fails before loading it."""
     started = time.time()
     check_config(cfg)  # every problem at once, before any process group
-    rank, world, device = init_process(cfg.seed, cfg.gpu_memory_cap_gib)
+    rank, world, device = init_process(cfg.seed, run_cap_gib(cfg.card, cfg.gpu_memory_cap_gib))
     config = check_checkpoint(cfg.model_path)
-    ds = run_ds_config(cfg, world, config.hidden_size, run_precision(cfg.fp16, cfg.bf16))
+    ds = run_ds_config(cfg, world, config.hidden_size, run_precision(cfg.fp16, cfg.bf16, cfg.card))
     if precision(ds) == torch.float16 and not get_accelerator().is_fp16_supported():
         raise ConfigError([f"fp16 is on, but this machine's accelerator ({get_accelerator().device_name()}) has no "
                            f"fp16: pass --fp16 false"])
@@ -110,7 +111,7 @@ def setup(cfg: TrainConfig) -> Run:
         start_step, _ = load_resume(engine, ckpt_root)
         engine.train()
         rank0_print(f"[resume] continuing at optimizer step {start_step}")
-    report_model(cfg, ds, engine, rank, device)  # after the resume: a failed start leaves setup.json as it was
+    report_model(cfg, ds, plan, engine, rank, device)  # after the resume: a failed start leaves setup.json as it was
     return Run(cfg, rank, world, device, ds, processor, index, val_ids, sampler, total_steps, engine, hf_ds,
                start_step, started, plan, after_oom)
 
@@ -190,14 +191,15 @@ def report_host_need(model_path: str, ds: dict, world: int) -> None:
                     f"or a machine with more RAM")
 
 
-def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.device) -> None:
+def report_model(cfg: TrainConfig, ds: dict, plan: Plan, engine, rank: int, device: torch.device) -> None:
     """What the step will run with, on screen and in `setup.json`, with each rank's RSS after loading."""
     setup = describe_setup(engine)
     set_up = memory_snapshot(device)["allocated"]
     rss = gather_named({"rss": rss_gib(), "peak": peak_rss_gib(), "gpu": set_up}, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the first step's row then holds that step's peak alone
-    rank0_print(f"[model] {cfg.model_path}: attention {setup['attention']}, dtype {precision(ds)}, "
+    kernel = f" on SDPA's {setup['sdpa_kernel']} kernel" if setup["sdpa_kernel"] else ""
+    rank0_print(f"[model] {cfg.model_path}: attention {setup['attention']}{kernel}, dtype {precision(ds)}, "
                 f"ZeRO stage {setup['zero_stage']}, offload param {setup['offload_param']} / optimizer "
                 f"{bool(ds['zero_optimization'].get('offload_optimizer'))}, trainable "
                 f"{setup['trainable_numel'] / 1e6:.2f} M, checkpointed layers {setup['checkpointed_layers']}/"
@@ -206,8 +208,14 @@ def report_model(cfg: TrainConfig, ds: dict, engine, rank: int, device: torch.de
         rank0_print(f"[model] {setup['compiled_layers']} decoder layers compiled during the first micro-step (about a "
                     f"minute on 1 x H200; --compile_layers false runs them op by op)")
     elif device.type == "cuda" and cfg.lean_activations and cfg.fused_kernels and not setup["fused_kernel_modules"]:
-        rank0_print(f"[model] fused kernels off: {fusing_unavailable()}")
-    note = allocator_note(cfg.gpu_memory_cap_gib)
+        why = fusing_unavailable() or f"a {plan.card} runs them op by op (fit/cards.py: compiled kernels need sm80+)"
+        rank0_print(f"[model] fused kernels off: {why}")
+    if device.type == "cuda" and setup["sdpa_kernel"] == "math":
+        rank0_print("[model] WARNING: training attention runs SDPA's math kernel, which builds every head's "
+                    "[positions x positions] scores: several times slower and GiBs more at 4,096 positions. Leave "
+                    "--attn_implementation unset (K/V are then expanded for the memory-efficient kernel on cards "
+                    "without flash) and check that torch.backends.cuda.enable_mem_efficient_sdp is not switched off")
+    note = allocator_note(plan.gpu_memory_cap_gib)
     if device.type == "cuda" and note:
         rank0_print(f"[model] {note}")
     rank0_print("[host] RSS after load per rank: " + ", ".join(f"{r['rss']:.1f} GiB (peak {r['peak']:.1f})" for r in rss))
