@@ -98,6 +98,9 @@ declare -A V=(
   [turing_x2_probe]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --model $MODEL --card 2080ti --seq-len 4096 --also-seq-len 2158 --json"
   [turing_x2_probe_flash]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --model $MODEL --gpu-mem-gb 21.4 --zero-stage 3 --whole-layers --recompute-layers 47 --eager-kernels --seq-len 4096 --also-seq-len 2158 --json"
   [turing_loop]="$LOOP --output_dir $W/turing_loop --card 2080ti"
+  # the same two from config at 2,158 positions first (then 4,096), one micro-step profiled: where the time goes
+  [turing_x2_probe_2158]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --card 2080ti --zero-stage 3 --whole-layers --recompute-layers 47 --seq-len 2158 --also-seq-len 4096 --steps 3 --profile $OUT/prof_turing --json"
+  [turing_x2_probe_flash_2158]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --gpu-mem-gb 21.4 --zero-stage 3 --whole-layers --recompute-layers 47 --eager-kernels --seq-len 2158 --also-seq-len 4096 --steps 3 --profile $OUT/prof_flash --json"
   # two GPUs (issue 19; nvidia-h200-x2): the users' box as 2 x 22 GiB, then uncapped
   [x2_loop_auto_cap22]="$LOOP2 --output_dir $W/x2_loop_auto_cap22 --gpu_memory_cap_gib 22"
   [x2_loop_reference_cap22]="$LOOP2 --output_dir $W/x2_loop_reference_cap22 --gpu_memory_cap_gib 22 --plan reference"
