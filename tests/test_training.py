@@ -189,3 +189,4 @@ def test_two_nodes_keep_zero3_gathers_inside_each_node(tiny, tmp_path):
     assert r["hpz"]["losses"] == pytest.approx(r["offload"]["losses"], rel=1e-5)
     assert all(x == x for x in r["hpz"]["losses"])  # no NaN: the node's copy of each weight was filled
     shutil.rmtree(tmp_path, ignore_errors=True)
+

@@ -17,7 +17,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from ..formats.adapter import save_adapter
 from .checkpoint import save_resume
@@ -28,7 +27,7 @@ from ..data.indexing import SampleReader
 from .engine import check_training_mode, loss_scale
 from ..errors import ChatTSTrainError, DataError, RankError, TrainingError
 from ..fit.hostmem import rss_gib
-from .metrics import MetricsLog, gather_named, memory_snapshot
+from .metrics import MetricsLog, Progress, gather_named, memory_snapshot
 from ..ranks import LauncherWatch, killed_ranks, rank, rank0_print, sign_out
 from .run import Run, finish, score_held_out, setup
 from ..formats.run_record import sample_names
@@ -87,7 +86,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
     log = MetricsLog(cfg.output_dir, run.rank == 0, cfg.tensorboard, resume_step=run.start_step if cfg.resume else None)
     stop, failures = StopRequest(), Failures(run)
     batch_of = pack if cfg.packing else collate
-    bar = tqdm(total=run.total_steps, initial=run.start_step, disable=run.rank != 0, dynamic_ncols=True, desc="train")
+    bar = Progress(run.total_steps, run.start_step, run.rank == 0)
     first_step_s, samples_seen = None, 0
 
     # ---- iterate ------------------------------------------------------------------------------------
@@ -125,9 +124,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
         row = step_row(run, step, batches, loss_sum, tokens, answer_tokens, step_time, sum(len(i) for i in plan))
         samples_seen += row.pop("samples")
         log.log(row)
-        bar.update(1)
-        bar.set_postfix(ep=row["epoch"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", scale=f"{row['loss_scale']:g}",
-                        tok_s=row["tokens_per_s_per_gpu"], mem=f"{max(row['peak_reserved_gib']):.1f}G")
+        bar.update(row)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # so each row holds that step's peak
         failures.check_loss(step, row["loss"])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from typing import Optional
 
 import torch
@@ -135,3 +137,39 @@ def plot(rows: list[dict], path: str) -> Optional[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class Progress:
+    """Progress on rank 0: tqdm's bar on a terminal; where the output is a file or a pipe (a launcher's log), a plain
+    line every `every_s` seconds and at the last step instead of the bar's carriage-return redraws."""
+
+    def __init__(self, total: int, start: int, enabled: bool, every_s: float = 30.0, stream=None):
+        from tqdm import tqdm
+
+        self.stream = stream or sys.stderr
+        self.total, self.start, self.done, self.every_s = total, start, start, every_s
+        self.terminal = enabled and self.stream.isatty()
+        self.enabled, self.started, self.last = enabled, time.time(), 0.0
+        self.bar = tqdm(total=total, initial=start, disable=not self.terminal, dynamic_ncols=True, desc="train",
+                        file=self.stream)
+
+    def update(self, row: dict) -> None:
+        """After an optimizer step's metrics row."""
+        self.done += 1
+        if self.terminal:
+            self.bar.update(1)
+            self.bar.set_postfix(ep=row["epoch"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                 scale=f"{row['loss_scale']:g}", tok_s=row["tokens_per_s_per_gpu"],
+                                 mem=f"{max(row['peak_reserved_gib']):.1f}G")
+            return
+        now = time.time()
+        if self.enabled and (now - self.last >= self.every_s or self.done == self.total):
+            self.last = now
+            elapsed = now - self.started
+            eta = elapsed / (self.done - self.start) * (self.total - self.done)
+            print(f"[train] step {self.done}/{self.total}, epoch {row['epoch']}, loss {row['loss']:.4f}, "
+                  f"{row['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, ETA {eta / 60:.1f} min", file=self.stream,
+                  flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
