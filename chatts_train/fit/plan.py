@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-from ..model.attention import EXPANDED_KV, choose_attention
+from ..model.attention import EXPANDED_KV, allow_sdpa_kernels, choose_attention
 from .cards import CARDS, REFERENCE_CARD, Card, card_named, detected_card, resolve_card
 
 GiB = 1024 ** 3
@@ -665,13 +665,9 @@ def apply_to_ds(plan: Plan, ds: dict) -> dict:
 
 
 def execute(plan: Plan) -> None:
-    """The plan's process-wide switches, set once before the model is built (prepare_engine): SDPA's cuDNN kernel
-    off (it plans anew for every sequence length, ~0.14 s a 14B micro-step on 1 x H200: RESULTS.md), its flash
-    kernel off where the planned card has none (so a bigger card runs a Turing card's kernels)."""
-    import torch
-
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    torch.backends.cuda.enable_flash_sdp(plan.sdpa_flash)
+    """The plan's process-wide switches, set once before the model is built (prepare_engine): the SDPA kernels the
+    planned card has (attention.allow_sdpa_kernels)."""
+    allow_sdpa_kernels(plan.sdpa_flash)
 
 
 def apply_env(cap_gib: Optional[float], world: int) -> None:

@@ -51,6 +51,13 @@ def register() -> None:
     AttentionMaskInterface.register(EXPANDED_KV, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def allow_sdpa_kernels(flash: bool) -> None:
+    """The process's SDPA kernels: cuDNN's never (it plans anew for every sequence length, ~0.14 s a 14B micro-step
+    on 1 x H200: benchmarks/RESULTS.md), flash where `flash` (off: a bigger card runs a Turing card's kernels)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(flash)
+
+
 def choose_attention(capability: Optional[tuple[int, int]], sdpa_flash: bool, fa2_installed: bool,
                      requested: Optional[str] = None) -> str:
     """The attention implementation of a run: `capability` of its card (None: the CPU), whether SDPA's flash

@@ -23,7 +23,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import CheckpointError, read_json_object
-from .attention import choose_attention, register
+from .attention import allow_sdpa_kernels, choose_attention, register
 from .timeseries import TSSpec
 from ..tokens import IGNORE_INDEX, TS_END_TOKEN_ID, TS_TOKEN_ID
 from .shards import check_shard, missing_shards, weight_map
@@ -224,13 +224,12 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
 
 def pick_attention(requested: Optional[str] = None) -> str:
     """The attention of a model loaded outside training (generation, evaluation, merging) on this process's
-    device: attention.choose_attention for its card. SDPA's cuDNN kernel is left out: cuDNN plans it anew for
-    every sequence length (~0.14 s per micro-step of the 14B shape on 1 x H200, benchmarks/RESULTS.md)."""
+    device: attention.choose_attention for its card, with the SDPA kernels it has (allow_sdpa_kernels)."""
     if requested == "eager":
         return requested
-    torch.backends.cuda.enable_cudnn_sdp(False)
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     flash = capability is not None and capability >= (8, 0) and torch.backends.cuda.flash_sdp_enabled()
+    allow_sdpa_kernels(flash or capability is None)
     return choose_attention(capability, flash, importlib.util.find_spec("flash_attn") is not None, requested)
 
 
