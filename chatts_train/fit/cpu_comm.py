@@ -14,22 +14,15 @@ class _Completed:
 
 def fix_cpu_accelerator() -> None:
     """Three DeepSpeed 0.18 faults that only the CPU accelerator shows, corrected there. Call it before
-    `deepspeed.init_distributed` (the first one acts there); later calls do nothing.
+    `deepspeed.init_distributed` (the first one acts there); later calls do nothing. (How each was found:
+    benchmarks/HISTORY.md, "CPU accelerator faults".)
 
-    - Each process starting its process group JIT-compiles DeepSpeed's shared-memory all-reduce (~42 s with g++
-      on a fresh 2-core machine, the other ranks waiting on the build's lock file, which a build killed mid-way
-      leaves for every later start to wait on), and under DeepSpeed's launcher each rank then creates a 66 MiB
-      segment in /dev/shm that nothing removes (seen here: 132 MiB left behind by every 2-rank run) and waits,
-      with no timeout, for its peers' segments to appear (seen here with /dev/shm unwritable: both ranks spin
-      at 100% of a core and never start). Only DeepSpeed's inference all-reduce uses it, which training never
-      calls: it is not built, and gloo does every collective.
-    - ZeRO-3 launches several async all-gathers and waits only for the last one ("ordered on the CUDA stream").
-      With gloo they are not ordered, and ZeRO-3 then reads half-gathered weights: seen here as NaN or random
-      weights after loading and run-to-run different losses. Those gathers are made blocking.
-    - ZeRO-1 and -2 without gradient hooks (ZeRO-1 as the plan runs it) reduce the gradients at the optimizer
-      step in buckets by type, found by `tensor.type() == "torch.cpu.FloatTensor"`; a CPU tensor's type is
-      "torch.FloatTensor", so no bucket matched and nothing was reduced: each rank stepped on its own gradients
-      (seen here: the LoRA update of 2 ranks 2x off the reference's). Buckets are made by dtype instead.
+    - Starting a process group JIT-compiles DeepSpeed's shared-memory all-reduce and makes every rank wait,
+      without a timeout, on /dev/shm segments nothing removes; only inference uses it: it is not built.
+    - ZeRO-3 waits only for the last of several async all-gathers, relying on CUDA stream order that gloo lacks,
+      and reads half-gathered weights: those gathers are made blocking.
+    - ZeRO-1/-2 without gradient hooks bucket gradients by `tensor.type()` strings that no CPU tensor has, so
+      nothing was reduced: buckets are made by dtype instead.
     """
     import importlib
 

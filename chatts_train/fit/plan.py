@@ -24,15 +24,34 @@ from ..model.attention import EXPANDED_KV, allow_sdpa_kernels, choose_attention
 from .cards import CARDS, REFERENCE_CARD, Card, card_named, detected_card, resolve_card
 
 GiB = 1024 ** 3
-# Room kept free on a card beside the predicted peak: the allocator's cache over what tensors hold (8-9%
-# measured with expandable segments, HISTORY.md section 8) and the stated margin of the choice.
-RESERVED_OVER_ALLOCATED = 0.10
-MARGIN = 0.05
-# Memory a CUDA process holds outside PyTorch's allocator (context, cuBLAS workspace, NCCL buffers):
-# 1.3-2.1 GiB per rank measured on H200 (HISTORY.md sections 7-8); a capped run's cap does not cover it.
-CONTEXT_GIB = 1.5
 
-
+# ---- calibration: every number below was measured on 1 x H200 (ChatTS-14B, fp16, LoRA r8 q/k/v), each row
+# ---- naming the section of benchmarks/RESULTS.md (or HISTORY.md) that holds it; tests/test_plan.py holds the
+# ---- models to the measured peaks.
+MARGIN = 0.05  # the choice's stated margin, not a measurement
+RESERVED_OVER_ALLOCATED = 0.10  # the allocator's cache over what tensors hold: 8-9% (HISTORY.md section 8)
+CONTEXT_GIB = 1.5  # outside PyTorch's allocator per uncapped rank: 1.3-2.1 GiB (HISTORY.md sections 7-8)
+# What a step holds beside weights and kept activations (LoRA's weights, gradients and Adam state, the loss's
+# vocabulary chunks, backward's transients): a fixed part by ZeRO stage and a part per position ("Plans")
+FIXED_GIB = {1: 0.55, 2: 0.55, 3: 0.45}
+PER_POSITION_BYTES = 40_000
+OFFLOAD_FIXED_GIB = 1.0  # parameter offload's extra on the GPU, 0.89-1.05 GiB in three runs ("Plans")
+PER_LINEAR_LIVE = 3e8  # ZeRO-3 per-Linear gathers: stage3_max_live_parameters of ds_config.json (a setting)
+# Seconds per micro-step, memprobe, by how the base is held: (no layer recomputed, all 48). Base whole at ZeRO-2
+# ("Plans"; ZeRO-1 runs 1.04-1.12x faster: "ZeRO-1 for the base whole"); ZeRO-3 all recomputed ("Plans");
+# ZeRO-3 none recomputed not measured: ZeRO-2's ratio of the two applied.
+STEP_S = {
+    1600: {"whole": (0.272, 0.416), "layers": (0.479, 0.733), "linear": (0.90, 1.38)},
+    4096: {"whole": (0.487, 0.712), "layers": (0.493, 0.72), "linear": (1.02, 1.489)},
+}
+HOST_CHECKPOINTS_FACTOR = 1.10  # recomputed layers' inputs to host memory and back: +10% at 4,096 (HISTORY.md 8)
+COMPILED_STEP_RATIO = {1600: 0.711, 4096: 0.909}  # compiled / op by op ("The launch-bound micro-step")
+COMPILE_S = 60.0  # compiling the 14B layers in the first micro-step: 56-65 s ("The launch-bound micro-step")
+# The card model (step_time): the shares of the data sheet's rate the H200 reached, taken to hold on other
+# cards ("The users' cards"): GEMMs 658-691 of 989 TFLOPS; SDPA flash / memory-efficient with K/V expanded
+# 2.70 / 5.30 ms a layer's forward and backward at 4,096 positions.
+GEMM_SHARE = 0.68
+ATTENTION_SHARE = {"flash": 0.19, "memory-efficient": 0.098}
 @dataclass(frozen=True)
 class Shape:
     """What the memory model needs of a ChatTS config."""
@@ -252,26 +271,11 @@ class Pins:
 
 # ------------------------------------------------------------------------------------------------ memory
 
-# Calibrated against memprobe on 1 x H200 (benchmarks/gpu_variants.sh, RESULTS.md "Plans"): what a step
-# holds beside weights and kept activations (LoRA's weights, gradients and Adam state, the loss's
-# vocabulary chunks, the backward's transients), as a fixed part and a part per position.
-FIXED_GIB = {1: 0.55, 2: 0.55, 3: 0.45}  # ZeRO-1 holds LoRA's gradients whole: 17 MB on 14B
-PER_POSITION_BYTES = 40_000
-# ZeRO-3 per-Linear gathers keep up to stage3_max_live_parameters gathered (ds_config.json: 3e8)
-PER_LINEAR_LIVE = 3e8
-
-
-# ZeRO-3 with parameter offload holds ~1 GiB more on the GPU whatever the world size (0.89-1.05 GiB over the
-# rest of this model in three runs: 1 and 2 GPUs, 2,158 and 4,096 positions; RESULTS.md "Plans")
-OFFLOAD_FIXED_GIB = 1.0
-
-
 def weights_gib(plan: Plan, shape: Shape, world: int) -> float:
     """Frozen weights on one GPU at the backward's start: resident ones, the gathered ones in flight, and under
     ZeRO-3 the gathered weights of every layer that keeps its activations: torch's linear saves a view of the
-    weight for the input's gradient, and that view keeps the gathered copy alive until the layer's backward
-    (measured: ZeRO-3 with offload and no layer recomputed ran out of memory under a 24 GiB cap at 2,158
-    positions, predicted 13.7 GiB without this term)."""
+    weight for the input's gradient, which keeps the gathered copy alive until the layer's backward
+    (RESULTS.md "Plans": the out-of-memory run that showed it)."""
     if plan.base_whole:
         return shape.base_numel * shape.bytes_per_value / GiB
     return held_weights_gib(plan, shape, world) + live_numel(plan, shape) * shape.bytes_per_value / GiB
@@ -295,9 +299,8 @@ def held_weights_gib(plan: Plan, shape: Shape, world: int) -> float:
 def activations_gib(plan: Plan, shape: Shape, positions: int) -> float:
     """What the layers keep for backward at its start: the first `recompute_layers` are recomputed, so the
     kept layers' backward runs first and frees their activations before any recompute; then one recomputed
-    layer's activations are live at a time. Compiled layers keep the same as eager lean ones (Inductor's
-    partitioner picks what to keep; measured 48.88 / 48.69 GiB at 4,096 and 36.27 / 36.19 at 1,600, compiled /
-    eager, none recomputed)."""
+    layer's activations are live at a time. Compiled layers keep the same as eager lean ones, within 0.4%
+    (RESULTS.md "The launch-bound micro-step")."""
     return held_activations_gib(plan, shape, positions, max(shape.layers - plan.recompute_layers, 1))
 
 
@@ -315,9 +318,7 @@ def predict_peak_gib(plan: Plan, shape: Shape, world: int, positions: int) -> fl
     larger of two moments. A layer's backward, with its weights gathered and the activations kept for backward;
     and, under parameter offload, the loss: the sliced vocabulary copies this rank's slice of lm_head from host
     memory to the GPU (fit/vocab_parallel.py) while no layer is gathered and every layer's activations are still
-    held, none recomputed yet. With all 48 layers recomputed the loss is the peak (measured on 1 x H200 with
-    offload: 3.70 / 2.98 GiB at 1,600 positions with the checkpoints on the GPU / in host RAM, 4.92 / 3.08 at
-    4,096; the layers' backward alone predicts 3.43 / 2.70 at 1,600)."""
+    held, none recomputed yet: with all 48 layers recomputed the loss is the peak (RESULTS.md "Plans")."""
     fixed = FIXED_GIB[plan.zero_stage] + positions * PER_POSITION_BYTES / GiB
     peak = weights_gib(plan, shape, world) + activations_gib(plan, shape, positions) + fixed
     if plan.zero_stage == 3 and plan.offload_param:
@@ -336,33 +337,6 @@ def need_gib(peak_gib: float, cards: Cards) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- speed
-
-# Seconds per micro-step on 1 x H200, ChatTS-14B, fp16, memprobe, for each way of holding the base: (no layer
-# recomputed, all 48 recomputed). Base whole: measured at ZeRO-2 2026-12-01 (RESULTS.md "Plans", gpu_variants.sh
-# probe_*); ZeRO-1, which the chooser runs instead, measured 1.04-1.12x faster in the loop (2026-12-02).
-# ZeRO-3 with all recomputed: issue 17's table, same card and day. ZeRO-3 with none recomputed was not
-# measured: ZeRO-2's ratio of the two (0.65 at 1,600, 0.68 at 4,096) is applied.
-STEP_S = {
-    1600: {"whole": (0.272, 0.416), "layers": (0.479, 0.733), "linear": (0.90, 1.38)},
-    4096: {"whole": (0.487, 0.712), "layers": (0.493, 0.72), "linear": (1.02, 1.489)},
-}
-HOST_CHECKPOINTS_FACTOR = 1.10  # the recomputed layers' inputs to host memory and back (+10% at 4,096)
-# Compiled layers (ZeRO-2) against the same plan run op by op, by length: Inductor's kernels, and no Python
-# between them. memprobe on the 14B folder, nothing recomputed, 1 x H200, one lease: 0.194 / 0.272 s at 1,600,
-# 0.467 / 0.514 s at 4,096 (RESULTS.md "The launch-bound micro-step", gpu_variants.sh probe_compiled_k0, probe_eager_k0).
-COMPILED_STEP_RATIO = {1600: 0.711, 4096: 0.909}
-# What compiling costs, once, in the first micro-step: 56-65 s for the 14B layers on 1 x H200's 16-core host (the
-# same lease). The plan compiles where the run's micro-steps save more than that.
-COMPILE_S = 60.0
-
-
-# The card model (cards.py): the H200's measured step times above, scaled to another card by its data-sheet
-# rates. On 1 x H200 the GEMMs ran at 0.68 of the 989 TFLOPS data sheet (658-691 TFLOPS), SDPA's flash kernel at
-# 0.19 and the memory-efficient one with K/V expanded at 0.098 (2.70 / 5.30 ms a layer's forward and backward at
-# 4,096 positions); another card is taken to reach the same shares of its own rates (RESULTS.md "Cards").
-GEMM_SHARE = 0.68
-ATTENTION_SHARE = {"flash": 0.19, "memory-efficient": 0.098}
-
 
 @dataclass(frozen=True)
 class StepTime:
@@ -499,10 +473,8 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
         c = _candidate(plan, shape, cards, positions)
         return plan, [replace(c, why="the reference plan (--plan reference)")]
     rows = []
-    # The base whole: ZeRO-1, not 2. LoRA's gradients are small (17 MB on 14B), so partitioning them saves
-    # nothing, and ZeRO-2 pays for it on the host every micro-step: a Python hook per trainable tensor (288 on
-    # 14B, ~29 ms a micro-step on 1 x H200) copying each gradient into its bucket. ZeRO-1 leaves them to
-    # autograd and reduces once per optimizer step. Stage 2 runs where it is pinned.
+    # The base whole: ZeRO-1, not 2: partitioning LoRA's 17 MB of gradients saves nothing and costs a Python hook
+    # per trainable tensor every micro-step (RESULTS.md "ZeRO-1 for the base whole"). Stage 2 where pinned.
     for stage in ((pinned["zero_stage"],) if "zero_stage" in pinned else (1, 3)):
         for whole in ((False,) if stage < 3 else (True, False)):
             for offload in ((False,) if stage < 3 else (False, True)):
@@ -513,9 +485,7 @@ def choose(shape: Shape, cards: Cards, positions: int, pins: Pins, packing: bool
                     if clash or (stage == 3 and pinned.get("compile_layers")) or (stage == 3 and not offload and cards.world == 1 and "zero_stage" not in pinned):
                         continue  # ZeRO-3 on one GPU holds the whole base too, with gathers: stage 1 does it faster
                     # host checkpoints exist only where layers are recomputed; with the base in host RAM every layer
-                    # is recomputed: whole-layer gathers fetch a layer once for its recompute and backward, so
-                    # recompute costs no transfer, and a kept layer holds its weights (measured under a 24 GiB
-                    # cap: all 48 recomputed 1,145 tokens/s, 24 of them 961)
+                    # is recomputed: a recompute costs no transfer, a kept layer holds its weights (RESULTS.md "Plans")
                     ks = ([pinned["recompute_layers"]] if "recompute_layers" in pinned else
                           [n] if offload else range(int(host), n + 1))
                     if host and not all(ks) and "checkpoints_on_cpu" not in pinned:
