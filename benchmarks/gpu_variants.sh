@@ -8,61 +8,43 @@
 #   bash benchmarks/gpu_variants.sh --list
 # `data` writes the random-weight 14B folder (benchmarks/write_random_checkpoint.py) and data of the users'
 # shape (make-data --scale 0.25: 105 samples, 723-2,158 positions); the variants on $MODEL need it first.
-# `standins` writes the tiny and the 1.5 B checkpoints and their data for section 2's loop runs.
-# x2_* variants need two GPUs. Those marked "history" reproduce benchmarks/HISTORY.md's runs with what ran then:
-# the reference plan (ZeRO-3, per-Linear gathers, every layer recomputed) and the flags they had.
+# x2_* variants need two GPUs. The runs of benchmarks/HISTORY.md's rounds (2 GPUs, the stand-in models, the
+# loop-then-probe comparisons) left this table with the scripts they used at b9e11f5 (HISTORY.md says which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}; W=${WORK:-/tmp/chatts-real}; mkdir -p "$OUT/logs" "$W"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 OUT W
 MODEL=$W/ChatTS-14B; DATA=$W/data
-PROBE="python3 benchmarks/memprobe.py --num-gpus 1 --seq-len 4096 --also-seq-len 1600 --json"
-PROBE2="python3 benchmarks/memprobe.py --num-gpus 2 --plan reference --json"  # history: 2 GPUs, the reference plan
-CAP22="--gpu-mem-gb 22"
+PROBE="python3 benchmarks/memprobe.py --num_gpus 1 --seq_len 4096 --also_seq_len 1600 --json"
 LOOP2="env NUM_GPUS=2 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 BUDGET="python3 benchmarks/loop_budget.py --model_path $MODEL --dataset_dir $DATA --max_steps ${STEPS:-5} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 AB="python3 benchmarks/micro_step_ab.py --model_path $MODEL --dataset_dir $DATA --plot false --tensorboard false --overwrite_output_dir"
 LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
-SMALL="env NUM_GPUS=2 bash launch.sh --plan reference --fp16 true --plot false --save_steps 0 --overwrite_output_dir"
-USERS="--data gdsh,hbsn,whlj,zhlh --dataset-dir $W/data_full --tokenizer $MODEL"  # history: all 421 samples
 
-# The loop on $MODEL under a plan, then memprobe on the same folder at the run's longest micro-step, compared
-# (loop_vs_probe.py): history's real_job.sh. loop_then_probe NAME CAP LOOP_OPTIONS -- PROBE_OPTIONS
-loop_then_probe() {
-  local name=$1 cap=$2; shift 2; local loop=() probe=()
-  while [ $# -gt 0 ] && [ "$1" != "--" ]; do loop+=("$1"); shift; done; shift || true; probe=("$@")
-  env NUM_GPUS=2 MODEL_PATH="$MODEL" DATASET_DIR="$DATA" bash launch.sh --plan reference --max_steps "${STEPS:-3}" \
-    --gpu_memory_cap_gib "$cap" --save_steps 0 --plot false --tensorboard false --overwrite_output_dir \
-    --output_dir "$W/$name" "${loop[@]}" || return
-  local longest; longest=$(python3 -c "import json; print(max(json.loads(l)['max_seq_len'] for l in open('$W/$name/metrics.jsonl')))")
-  python3 benchmarks/memprobe.py --model "$MODEL" --plan reference --seq-len "$longest" --gpu-mem-gb "$cap" "${probe[@]}" \
-    --json > "$W/$name/probe.json" && python3 benchmarks/loop_vs_probe.py "$W/$name" "$W/$name/probe.json"
-}
-export -f loop_then_probe
 declare -A V=(
   [data]="python3 benchmarks/write_random_checkpoint.py --out $MODEL ${TOKENIZER:+--tokenizer $TOKENIZER} && python3 -m chatts_train.cli make-data --out $DATA --scale 0.25"
   # the memory model's calibration: each plan kind at 1,600 and 4,096 positions (14B from config, 1 GPU)
-  [probe_zero2_k0]="$PROBE --zero-stage 2 --recompute-layers 0 --compile-layers false"
-  [probe_zero2_k24]="$PROBE --zero-stage 2 --recompute-layers 24 --compile-layers false"
-  [probe_zero2_k48]="$PROBE --zero-stage 2 --recompute-layers 48 --compile-layers false"
-  [probe_zero2_k48_host]="$PROBE --zero-stage 2 --recompute-layers 48 --checkpoints-on-cpu --compile-layers false"
+  [probe_zero2_k0]="$PROBE --zero_stage 2 --recompute_layers 0 --compile_layers false"
+  [probe_zero2_k24]="$PROBE --zero_stage 2 --recompute_layers 24 --compile_layers false"
+  [probe_zero2_k48]="$PROBE --zero_stage 2 --recompute_layers 48 --compile_layers false"
+  [probe_zero2_k48_host]="$PROBE --zero_stage 2 --recompute_layers 48 --checkpoints_on_cpu true --compile_layers false"
   # compiled layers on the 14B folder, pinned to ZeRO-2 as measured before e11a0dc; --profile: the micro-step's GPU idle
-  [probe_compiled_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers true --profile $OUT/prof_compiled_k0"
+  [probe_compiled_k0]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers true --profile $OUT/prof_compiled_k0"
   # ZeRO-1 (what the plan picks with the base whole since it stopped weighing ZeRO-2): no gradient hooks
-  [probe_compiled_k0_zero1]="$PROBE --model $MODEL --zero-stage 1 --recompute-layers 0 --compile-layers true --profile $OUT/prof_compiled_k0_zero1"
-  [probe_compiled_k0_zero1_1410]="python3 benchmarks/memprobe.py --num-gpus 1 --seq-len 1410 --json --model $MODEL --zero-stage 1 --recompute-layers 0 --compile-layers true"  # the loop's mean micro-step
-  [probe_compiled_k0_cudnn]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers true --sdpa-cudnn --profile $OUT/prof_compiled_k0_cudnn"
-  [probe_compiled_k24]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 24 --compile-layers true"
-  [probe_compiled_k48]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 48 --compile-layers true"
-  [probe_eager_k0]="$PROBE --model $MODEL --zero-stage 2 --recompute-layers 0 --compile-layers false --profile $OUT/prof_eager_k0"
+  [probe_compiled_k0_zero1]="$PROBE --model_path $MODEL --zero_stage 1 --recompute_layers 0 --compile_layers true --profile $OUT/prof_compiled_k0_zero1"
+  [probe_compiled_k0_zero1_1410]="python3 benchmarks/memprobe.py --num_gpus 1 --seq_len 1410 --json --model_path $MODEL --zero_stage 1 --recompute_layers 0 --compile_layers true"  # the loop's mean micro-step
+  [probe_compiled_k0_cudnn]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers true --sdpa_cudnn --profile $OUT/prof_compiled_k0_cudnn"
+  [probe_compiled_k24]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 24 --compile_layers true"
+  [probe_compiled_k48]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 48 --compile_layers true"
+  [probe_eager_k0]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers false --profile $OUT/prof_eager_k0"
   # the offload plans the chooser picks under a 24 GiB cap, on the 14B folder (a config-only offload build is slow)
-  [probe_model_offload_layers_k48]="$PROBE --model $MODEL --gpu-mem-gb 24 --grad-accum 2 --offload param --whole-layers --recompute-layers 48"
-  [probe_model_offload_layers_k48_host]="$PROBE --model $MODEL --gpu-mem-gb 24 --grad-accum 2 --offload param --whole-layers --recompute-layers 48 --checkpoints-on-cpu"
-  [probe_model_offload_linear_k48]="$PROBE --model $MODEL --gpu-mem-gb 24 --grad-accum 2 --offload param --per-linear --recompute-layers 48"
-  [probe_model_offload_linear_k48_host]="$PROBE --model $MODEL --gpu-mem-gb 24 --grad-accum 2 --offload param --per-linear --recompute-layers 48 --checkpoints-on-cpu"
-  [probe_offload_layers_k0]="$PROBE --offload param --whole-layers --recompute-layers 0"
-  [probe_offload_layers_k48]="$PROBE --offload param --whole-layers --recompute-layers 48"
-  [probe_offload_linear_k48]="$PROBE --offload param --per-linear --recompute-layers 48"
+  [probe_model_offload_layers_k48]="$PROBE --model_path $MODEL --gpu_memory_cap_gib 24 --grad_accum 2 --offload param --gather_whole_layers true --recompute_layers 48"
+  [probe_model_offload_layers_k48_host]="$PROBE --model_path $MODEL --gpu_memory_cap_gib 24 --grad_accum 2 --offload param --gather_whole_layers true --recompute_layers 48 --checkpoints_on_cpu true"
+  [probe_model_offload_linear_k48]="$PROBE --model_path $MODEL --gpu_memory_cap_gib 24 --grad_accum 2 --offload param --gather_whole_layers false --recompute_layers 48"
+  [probe_model_offload_linear_k48_host]="$PROBE --model_path $MODEL --gpu_memory_cap_gib 24 --grad_accum 2 --offload param --gather_whole_layers false --recompute_layers 48 --checkpoints_on_cpu true"
+  [probe_offload_layers_k0]="$PROBE --offload param --gather_whole_layers true --recompute_layers 0"
+  [probe_offload_layers_k48]="$PROBE --offload param --gather_whole_layers true --recompute_layers 48"
+  [probe_offload_linear_k48]="$PROBE --offload param --gather_whole_layers false --recompute_layers 48"
   # the peers: the plain PEFT recipe (no DeepSpeed), and the usual ZeRO-3 recipe beside our choice in one run
   [plain_peft]="python3 benchmarks/plain_peft.py --seq-len 1600,4096"
   [plain_peft_no_ckpt]="python3 benchmarks/plain_peft.py --seq-len 1600,4096 --no-checkpointing"
@@ -95,69 +77,19 @@ declare -A V=(
   [loop_cap24_offload_linear_k48]="$LOOP --output_dir $W/loop_cap24_offload_linear_k48 --gpu_memory_cap_gib 24 --plan reference --offload param"
   # the users' cards played by the H200 (--card 2080ti: no flash or cuDNN SDPA, fp16, no compiled kernels, 21.4 GiB cap):
   # one rank of their 2-GPU plan (fake collectives), the same plan with flash on and the same kernels otherwise, the loop
-  [turing_x2_probe]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --model $MODEL --card 2080ti --seq-len 4096 --also-seq-len 2158 --json"
-  [turing_x2_probe_flash]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --model $MODEL --gpu-mem-gb 21.4 --zero-stage 3 --whole-layers --recompute-layers 47 --eager-kernels --seq-len 4096 --also-seq-len 2158 --json"
+  [turing_x2_probe]="python3 benchmarks/memprobe.py --num_gpus 2 --emulate_world 2 --model_path $MODEL --card 2080ti --seq_len 4096 --also_seq_len 2158 --json"
+  [turing_x2_probe_flash]="python3 benchmarks/memprobe.py --num_gpus 2 --emulate_world 2 --model_path $MODEL --gpu_memory_cap_gib 21.4 --zero_stage 3 --gather_whole_layers true --recompute_layers 47 --fused_kernels false --seq_len 4096 --also_seq_len 2158 --json"
   [turing_loop]="$LOOP --output_dir $W/turing_loop --card 2080ti"
   # the same two from config at 2,158 positions first (then 4,096), one micro-step profiled: where the time goes
-  [turing_x2_probe_2158]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --card 2080ti --zero-stage 3 --whole-layers --recompute-layers 47 --seq-len 2158 --also-seq-len 4096 --steps 3 --profile $OUT/prof_turing --json"
-  [turing_x2_probe_flash_2158]="python3 benchmarks/memprobe.py --num-gpus 2 --emulate-world 2 --gpu-mem-gb 21.4 --zero-stage 3 --whole-layers --recompute-layers 47 --eager-kernels --seq-len 2158 --also-seq-len 4096 --steps 3 --profile $OUT/prof_flash --json"
+  [turing_x2_probe_2158]="python3 benchmarks/memprobe.py --num_gpus 2 --emulate_world 2 --card 2080ti --zero_stage 3 --gather_whole_layers true --recompute_layers 47 --seq_len 2158 --also_seq_len 4096 --steps 3 --profile $OUT/prof_turing --json"
+  [turing_x2_probe_flash_2158]="python3 benchmarks/memprobe.py --num_gpus 2 --emulate_world 2 --gpu_memory_cap_gib 21.4 --zero_stage 3 --gather_whole_layers true --recompute_layers 47 --fused_kernels false --seq_len 2158 --also_seq_len 4096 --steps 3 --profile $OUT/prof_flash --json"
   # two GPUs (issue 19; nvidia-h200-x2): the users' box as 2 x 22 GiB, then uncapped
   [x2_loop_auto_cap22]="$LOOP2 --output_dir $W/x2_loop_auto_cap22 --gpu_memory_cap_gib 22"
   [x2_loop_reference_cap22]="$LOOP2 --output_dir $W/x2_loop_reference_cap22 --gpu_memory_cap_gib 22 --plan reference"
   [x2_loop_auto_cap22_packed]="$LOOP2 --output_dir $W/x2_loop_auto_cap22_packed --gpu_memory_cap_gib 22 --packing"
   [x2_loop_auto]="$LOOP2 --output_dir $W/x2_loop_auto"
-  [x2_probe_auto_cap22]="python3 benchmarks/memprobe.py --num-gpus 2 --gpu-mem-gb 22 --seq-len 4096 --also-seq-len 2158 --baseline hf --json"
-  [x2_probe_auto_cap22_profile]="python3 benchmarks/memprobe.py --num-gpus 2 --gpu-mem-gb 22 --seq-len 2158 --profile $OUT/prof --json"
-  # ---- history (benchmarks/HISTORY.md), 2 GPUs ------------------------------------------------------------
-  [standins]="python3 benchmarks/write_standins.py $W"
-  [data_full]="python3 -m chatts_train.cli make-data --out $W/data_full --scale 1"  # for x2_probe_users_* (after data)
-  # section 2: the loop on the tiny model and a 1.5 B ChatTS shape, and the fp16 loss-scaling scenario on GPUs
-  [x2_loop_tiny_no_offload]="$SMALL --model_path $W/tiny --dataset_dir $W/data_small --output_dir $W/x2_loop_tiny_no_offload --offload none --max_steps 6 --learning_rate 5e-3"
-  [x2_loop_tiny_param_offload]="$SMALL --model_path $W/tiny --dataset_dir $W/data_small --output_dir $W/x2_loop_tiny_param_offload --offload param --max_steps 6 --learning_rate 5e-3"
-  [x2_loop_mid_no_offload]="$SMALL --model_path $W/mid --dataset_dir $W/data_long --output_dir $W/x2_loop_mid_no_offload --offload none --max_steps 3"
-  [x2_loop_mid_param_offload]="$SMALL --model_path $W/mid --dataset_dir $W/data_long --output_dir $W/x2_loop_mid_param_offload --offload param --max_steps 3"
-  [x2_loop_mid_users_unpacked]="$SMALL --model_path $W/mid --dataset_dir $W/data_small --output_dir $W/x2_loop_mid_users_unpacked --offload none --max_steps 3"
-  [x2_loop_mid_users_packed]="$SMALL --model_path $W/mid --dataset_dir $W/data_small --output_dir $W/x2_loop_mid_users_packed --offload none --max_steps 3 --packing"
-  [x2_fp16_scenario]="python3 -c \"from chatts_train.standins.synthetic import write_series_task; write_series_task('$W/task.jsonl', 48, 120, 0)\" && python3 -m torch.distributed.run --nproc_per_node 2 --master_port 29601 tests/dist_scenarios.py $W $W/tiny fp16_loss_scaling && cat $W/results.json"
-  # section 3: memprobe under a 22 GiB cap, ZeRO-3 knobs
-  [x2_probe_base_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096"
-  [x2_probe_tuned_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --zero stage3_max_live_parameters=3e8 --zero stage3_max_reuse_distance=0 --zero stage3_prefetch_bucket_size=5e7"
-  [x2_probe_tuned_param_4096]="$PROBE2 $CAP22 --offload param --seq-len 4096 --zero stage3_max_live_parameters=3e8 --zero stage3_max_reuse_distance=0 --zero stage3_prefetch_bucket_size=5e7"
-  [x2_probe_tuned_8192]="$PROBE2 $CAP22 --no-offload --seq-len 8192 --zero stage3_max_live_parameters=3e8 --zero stage3_max_reuse_distance=0 --zero stage3_prefetch_bucket_size=5e7"
-  [x2_probe_pack_1432x2_1200]="$PROBE2 $CAP22 --no-offload --pack 1432,1432,1200"
-  [x2_probe_nocap_4096]="$PROBE2 --no-offload --seq-len 4096"
-  # sections 6-8: beside the usual recipe, under the 22 GiB cap, each knob (results/h200x2/memprobe/<name>.<section>.json)
-  [x2_probe_baseline_4096]="$PROBE2 --no-offload --seq-len 4096 --baseline hf --profile $OUT/prof"
-  [x2_probe_baseline_layers_4096]="$PROBE2 --no-offload --seq-len 4096 --baseline hf --whole-layers --profile $OUT/prof"
-  [x2_probe_ours_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096"
-  [x2_probe_param_cap22_4096]="$PROBE2 $CAP22 --offload param --seq-len 4096 --profile $OUT/prof"
-  [x2_probe_users_param]="$PROBE2 $CAP22 --offload param $USERS --profile $OUT/prof --compare-offload none"
-  [x2_probe_users_none]="$PROBE2 $CAP22 --no-offload $USERS --profile $OUT/prof"
-  [x2_probe_zpp_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --zero zero_quantized_weights=true"
-  [x2_probe_phases_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --phases"
-  [x2_probe_plain_phases_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --phases --plain-activations --zero memory_efficient_linear=true"
-  [x2_probe_eager_phases_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --phases --eager-kernels"
-  [x2_probe_live1e8_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --zero stage3_max_live_parameters=1e8 --phases"
-  [x2_probe_hostckpt_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --checkpoints-on-cpu --profile $OUT/prof"
-  [x2_probe_hostckpt_phases_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --checkpoints-on-cpu --phases"
-  [x2_probe_hostckpt_cap16_4096]="$PROBE2 --gpu-mem-gb 16.5 --no-offload --seq-len 4096 --checkpoints-on-cpu --phases"
-  [x2_probe_hostckpt_live2_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --checkpoints-on-cpu --zero stage3_max_live_parameters=2e8 --phases"
-  [x2_probe_layers_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --whole-layers --profile $OUT/prof"
-  [x2_probe_layers_reuse_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --whole-layers --zero stage3_max_reuse_distance=3e8 --profile $OUT/prof"
-  [x2_probe_layers_reuse_live6_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --whole-layers --zero stage3_max_reuse_distance=3e8 --zero stage3_max_live_parameters=6e8 --profile $OUT/prof"
-  [x2_probe_layers_hostckpt_cap22_4096]="$PROBE2 $CAP22 --no-offload --seq-len 4096 --whole-layers --checkpoints-on-cpu --phases --profile $OUT/prof"
-  [x2_probe_layers_4096]="$PROBE2 --no-offload --seq-len 4096 --whole-layers"
-  [x2_probe_layers_prefetch_4096]="$PROBE2 --no-offload --seq-len 4096 --whole-layers --zero stage3_prefetch_bucket_size=3.1e8"
-  # sections 5, 7, 8: the loop on $MODEL under a 22 GiB cap and memprobe at its longest sample, compared (real_job)
-  [x2_real_none]="loop_then_probe x2_real_none 22 --offload none -- --offload none"
-  [x2_real_param]="loop_then_probe x2_real_param 22 --offload param -- --offload param"
-  [x2_real_none_packed_hostckpt]="loop_then_probe x2_real_none_packed_hostckpt 22 --offload none --packing --checkpoints_on_cpu true -- --offload none --checkpoints-on-cpu"
-  # section 5: host RAM of loading the 14B folder with parameter offload, our loader and transformers'
-  [x2_load_rss_ours]="python3 -m torch.distributed.run --nproc_per_node 2 --master_port 29650 benchmarks/load_rss.py --model $MODEL --loader ours --offload param"
-  [x2_load_rss_transformers]="python3 -m torch.distributed.run --nproc_per_node 2 --master_port 29650 benchmarks/load_rss.py --model $MODEL --loader transformers --offload param"
-  # section 5: pinned partitions in 1 GiB chunks (the default) or each on its own, under parameter offload
-  [x2_pin_chunks]="env CHATTS_PIN_IN_CHUNKS=1 $PROBE2 --model $MODEL --offload param --seq-len 2158 $CAP22"
-  [x2_pin_each]="env CHATTS_PIN_IN_CHUNKS=0 $PROBE2 --model $MODEL --offload param --seq-len 2158 $CAP22"
+  [x2_probe_auto_cap22]="python3 benchmarks/memprobe.py --num_gpus 2 --gpu_memory_cap_gib 22 --seq_len 4096 --also_seq_len 2158 --baseline hf --json"
+  [x2_probe_auto_cap22_profile]="python3 benchmarks/memprobe.py --num_gpus 2 --gpu_memory_cap_gib 22 --seq_len 2158 --profile $OUT/prof --json"
 )
 if [ "${1:-}" = "--list" ]; then for k in "${!V[@]}"; do echo "$k: ${V[$k]}"; done | sort; exit 0; fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

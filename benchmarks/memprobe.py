@@ -1,19 +1,22 @@
 """Measure per-GPU memory and speed of the real training step, and say whether CPU offload can go.
 
-    python benchmarks/memprobe.py --no-offload                 # ChatTS-14B-0801 shape, 4096 tokens, 2 GPUs
-    python benchmarks/memprobe.py --offload param --gpu-mem-gb 22 --json
-    python benchmarks/memprobe.py --model /models/ChatTS-14B --seq-len 8192
-    python benchmarks/memprobe.py --no-offload --baseline hf --profile prof/   # the usual recipe, then ours
+    python benchmarks/memprobe.py --offload none                  # ChatTS-14B-0801 shape, 4096 tokens, 2 GPUs
+    python benchmarks/memprobe.py --offload param --gpu_memory_cap_gib 22 --json
+    python benchmarks/memprobe.py --model_path /models/ChatTS-14B --seq_len 8192
+    python benchmarks/memprobe.py --card 2080ti --emulate_world 2   # one rank of 2 x 2080 Ti, played by this GPU
+    python benchmarks/memprobe.py --offload none --baseline hf --profile prof/   # the usual recipe, then ours
 
-Runs what `train()` runs: its set-up (`init_process`, `load_ds_config`, `prepare_engine`) and its micro-step
-and token scale, for a few micro-steps and at least one optimizer step on one worst-case sequence (text +
-5000-point series, as in the users' data). With `--model` the folder is loaded as the job loads it; without,
-the shape is built from config alone (`--release`, or `--config FILE`), without weights (values don't matter
-for memory or speed). An OOM is a result, not a crash. gpu_variants.sh's x2_real_* variants check it against the job.
+Every training option means here what it means in training (`python -m chatts_train --help`: --model_path,
+--ds_config, --zero_stage, --offload, --recompute_layers, --gather_whole_layers, --checkpoints_on_cpu,
+--compile_layers, --lean_activations, --fused_kernels, --gpu_memory_cap_gib, --card, --grad_accum, --data, ...);
+the options below are the probe's own. Runs what `train()` runs: its set-up (`init_process`, `run_ds_config`, the
+plan, `prepare_engine`) and its micro-step and token scale, for a few micro-steps and at least one optimizer step
+on one worst-case sequence (text + 5000-point series, as in the users' data). A checkpoint at --model_path is
+loaded as the job loads it; where there is none, the shape is built from config alone (`--release`, or
+`--shape_config FILE`), without weights (values don't matter for memory or speed). An OOM is a result, not a crash.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,85 +24,55 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
-from estimate_job import estimate_job, flops_per_micro_step
 from instruments import (GiB, DeviceSampler, PhasePeaks, count_traffic, kernel_budget, memory, outside_allocator_gib,
                          start_profile, steady_median, write_kernel_table)
 
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
-def parse(argv=None) -> argparse.Namespace:
-    from chatts_train.fit.dsconfig import OFFLOAD_CHOICES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-offload", action="store_true", help="same as --offload none")
-    p.add_argument("--offload", choices=OFFLOAD_CHOICES, default=None,
-                   help="default: what --ds-config says")
-    p.add_argument("--seq-len", type=int, default=4096, help="the worst-case sequence (the cutoff)")
-    p.add_argument("--data", default=None,
-                   help="datasets (as for training): probe their longest sample and estimate the job from their size")
-    p.add_argument("--dataset-dir", default="data")
-    p.add_argument("--tokenizer", default=None, help="checkpoint folder for tokenizer + ts config (default --model)")
-    p.add_argument("--cutoff-len", type=int, default=4096, help="with --data: samples over it are dropped, as in training")
-    p.add_argument("--also-seq-len", type=str, default="",
-                   help="comma-separated lengths measured first with the same engine and plan: peak allocated, "
-                        "step time and the plan's prediction at each (the memory model's calibration)")
-    p.add_argument("--pack", type=str, default="",
-                   help="comma-separated sample lengths packed into one micro-step (e.g. 1432,1432), instead of --seq-len")
-    p.add_argument("--num-gpus", type=int, default=2)
-    p.add_argument("--model", default=None, help="a ChatTS checkpoint; default: the 14B shape from config alone")
-    p.add_argument("--release", choices=["0801", "legacy"], default="0801", help="the 14B shape to build (no --model)")
-    p.add_argument("--config", default=None, help="build this config.json's shape without weights (instead of --release)")
-    p.add_argument("--ds-config", default=os.path.join(os.path.dirname(__file__), "..", "ds_config.json"))
-    p.add_argument("--compare-offload", choices=OFFLOAD_CHOICES, default=None,
-                   help="run a second probe with this offload and report the step-time ratio (second / first)")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-steps per optimizer step in the probe")
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps to run (the first one warms up)")
-    p.add_argument("--gpu-mem-gb", type=float, default=None, help="cap each process to this many GiB")
-    p.add_argument("--budget-gb", type=float, default=20.0, help="offload can go under this device-level peak (GiB)")
-    p.add_argument("--card", default="auto",
-                   help="as --card in training: plan for this card (chatts_train/fit/cards.py) and, on a bigger one, run "
-                        "as it would (its missing kernels and dtypes off, memory capped to it); MFU against its rate")
-    p.add_argument("--emulate-world", type=int, default=None, metavar="N",
-                   help="one process as rank 0 of N under a fake process group (collectives are no-ops of the right "
-                        "shapes): one rank's memory and compute of an N-GPU plan on one GPU, without link time")
-    p.add_argument("--plan", choices=["auto", "reference"], default="auto",
-                   help="as in training: auto, the job's choice for these cards (pins below), or the reference plan")
-    p.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=None, help="as --zero_stage in training (a pin)")
-    p.add_argument("--recompute-layers", type=int, default=None, help="as --recompute_layers in training (a pin)")
-    p.add_argument("--no-checkpointing", action="store_true", help="pin: no layer recomputed")
-    p.add_argument("--checkpoints-on-cpu", action="store_true", help="pin, as --checkpoints_on_cpu true in training")
-    p.add_argument("--whole-layers", action="store_true", help="pin, as --gather_whole_layers true in training")
-    p.add_argument("--per-linear", action="store_true", help="pin, as --gather_whole_layers false in training")
-    p.add_argument("--compile-layers", choices=["true", "false"], default=None,
-                   help="pin, as --compile_layers in training (default: the plan's choice)")
-    p.add_argument("--plain-activations", action="store_true", help="as --lean_activations false in training")
-    p.add_argument("--eager-kernels", action="store_true", help="as --fused_kernels false in training")
-    p.add_argument("--attn", default=None, help="sdpa (default), flash_attention_2, eager")
-    p.add_argument("--sdpa-cudnn", action="store_true",
-                   help="an A/B only: SDPA's cuDNN kernel back on (the job leaves it off: it plans every new length)")
-    p.add_argument("--write-config", default=None, help="where to write the verdict's DeepSpeed config")
-    p.add_argument("--samples", type=int, default=421, help="for the job-time estimate and the plan's compile choice")
-    p.add_argument("--epochs", type=float, default=3.0, help="for the job-time estimate and the plan's compile choice")
-    p.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a zero_optimization key, e.g. stage3_max_live_parameters=3e8 (repeatable)")
-    p.add_argument("--baseline", choices=["hf"], default=None,
-                   help="first run the usual recipe (transformers' full-vocabulary loss and layers, LLaMA-Factory's ZeRO-3 "
-                        "config, PyTorch's default allocator) on the same shape, then ours, and report the ratios")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="profile one steady micro-step on rank 0 (torch.profiler): its time budget in the report, "
-                        "the kernel table in DIR")
-    p.add_argument("--phases", action="store_true",
-                   help="report the peak allocated memory inside forward, backward and step separately (resets the "
-                        "peak counters: the overall peaks are then the phases' maximum)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--recipe", default="ours", help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.no_offload:
-        a.offload = "none"
-    return a
+@dataclass
+class Probe:
+    """memprobe's own options, beside training's."""
+
+    seq_len: int = 4096  # the worst-case sequence (with --data: the longest kept sample)
+    also_seq_len: str = ""  # comma-separated lengths measured first with the same engine and plan (the memory model's calibration)
+    pack: str = ""  # comma-separated sample lengths packed into one micro-step (e.g. 1432,1432), instead of --seq_len
+    num_gpus: int = 2
+    emulate_world: Optional[int] = None  # one process as rank 0 of N (fake collectives): one rank of an N-GPU plan, no link time
+    release: str = "0801"  # the 14B shape to build where --model_path holds no checkpoint (0801 or legacy)
+    shape_config: Optional[str] = None  # build this config.json's shape without weights (instead of --release)
+    steps: int = 2  # optimizer steps to run (the first one warms up); micro-steps each: --grad_accum (default 4)
+    budget_gib: float = 20.0  # offload can go under this device-level peak (GiB)
+    samples: int = 421  # for the job-time estimate and the plan's compile choice (with --num_epochs)
+    compare_offload: Optional[str] = None  # a second probe with this offload; reports the step-time ratio
+    zero: list[str] = field(default_factory=list)  # zero_optimization overrides KEY=VALUE, e.g. stage3_max_live_parameters=3e8
+    baseline: Optional[str] = None  # hf: first the usual recipe (full-vocabulary loss, LLaMA-Factory's ZeRO-3 file), then ours
+    profile: Optional[str] = None  # profile one steady micro-step on rank 0: its time budget, the kernel table in this folder
+    phases: bool = False  # the peak allocated inside forward, backward and step (resets the peak counters)
+    sdpa_cudnn: bool = False  # an A/B only: SDPA's cuDNN kernel back on (the job leaves it off: it plans every new length)
+    write_config: Optional[str] = None  # where to write the verdict's DeepSpeed config
+    json: bool = False
+    recipe: str = "ours"  # (internal) ours or hf
+    worker: Optional[int] = None  # (internal) this process is that rank
+    out: Optional[str] = None  # (internal) where workers write their reports
+    t0: Optional[float] = None  # (internal) when the probe started
+
+
+def parse(argv=None):
+    """(TrainConfig, Probe) from the command line: training's options and the probe's own, one parser."""
+    from chatts_train.training.config import TrainConfig, parse_config
+
+    cfg, a = parse_config((TrainConfig, Probe), argv)
+    if not os.path.isfile(cfg.ds_config):  # the project's file wherever the probe runs from
+        cfg = replace(cfg, ds_config=os.path.join(ROOT, "ds_config.json"))
+    return cfg, a
+
+
+def has_checkpoint(cfg) -> bool:
+    return os.path.isfile(os.path.join(cfg.model_path, "config.json"))
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -140,74 +113,47 @@ def usual_recipe(zero: dict, hidden: int) -> dict:
             "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True}
 
 
-def worker(a: argparse.Namespace) -> None:
-    """One rank of the probe: `train()`'s own set-up (`init_process`, `load_ds_config`, `prepare_engine`) and
-    its own micro-step and token scale, on a synthetic batch of the probed length."""
+def worker(cfg, a: Probe) -> None:
+    """One rank of the probe: `train()`'s own set-up and its own micro-step and token scale, on a synthetic batch of
+    the probed length: set up, then the other lengths, then the probed one, then the report."""
     import torch
 
-    from chatts_train.model.batching import collate, pack
-    from chatts_train.training.config import TrainConfig
-    from chatts_train.fit.dsconfig import load_ds_config
-    from chatts_train.training.engine import describe_setup, init_process, loss_scale, prepare_engine
     from chatts_train.fit.hostmem import host_need_gib, peak_rss_gib, rss_gib
-    from chatts_train.training.loop import micro_step, step_token_scale
-    from chatts_train.model.modeling import check_checkpoint
-    from chatts_train.fit.dsconfig import precision
-    from chatts_train.fit.plan import Shape, apply_to_ds, plan_run, predict_peak_gib, run_cap_gib, step_seconds
+    from chatts_train.fit.plan import predict_peak_gib, step_seconds
+    from chatts_train.model.batching import collate, pack
     from chatts_train.model.shards import checkpoint_bytes, largest_shard_bytes
+    from chatts_train.training.engine import describe_setup, init_process, loss_scale, prepare_engine
+    from chatts_train.training.loop import micro_step, step_token_scale
 
-    ours = a.recipe != "hf"  # this project's options (and --zero's knobs) apply to ours, never to the usual recipe
-    pin = (lambda on, value=True: value if ours and on else None)
-    cfg = TrainConfig(model_path=a.model or "", learning_rate=1e-4, attn_implementation=a.attn,
-                      plan=a.plan if ours else "reference", recompute_layers=a.recompute_layers if ours else None,
-                      zero_stage=a.zero_stage if ours else None,
-                      gradient_checkpointing=False if a.no_checkpointing else None, gpu_memory_cap_gib=a.gpu_mem_gb,
-                      card=a.card,
-                      checkpoints_on_cpu=pin(a.checkpoints_on_cpu),
-                      gather_whole_layers=pin(a.whole_layers) if a.whole_layers else pin(a.per_linear, False),
-                      lean_activations=ours and not a.plain_activations, fused_kernels=not a.eager_kernels,
-                      compile_layers=(a.compile_layers == "true" if a.compile_layers else None) if ours else False,
-                      packing=bool(a.pack))
-    rank, world, device = init_process(cfg.seed, run_cap_gib(cfg.card, cfg.gpu_memory_cap_gib), a.emulate_world)
+    cfg = recipe_config(cfg, a)
+    rank, world, device = init_process(cfg.seed, run_cap(cfg), a.emulate_world)
+    config, ds, plan, cards, shape = plan_probe(cfg, a, world, device)
     gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
-    ds = load_ds_config(a.ds_config, world, micro_batch=1, grad_accum=a.grad_accum, fp16=gpu, offload=a.offload)
-    config = check_checkpoint(a.model) if a.model else shape_config(a)
-    if not ours:
-        ds["zero_optimization"] = usual_recipe(ds["zero_optimization"], config.hidden_size)
-    for kv in a.zero if ours else ():
-        key, value = kv.split("=", 1)
-        ds["zero_optimization"][key] = json.loads(value)
-    also = [int(x) for x in a.also_seq_len.split(",") if x]
-    positions = max([sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len] + also)
-    # the job's own choice, pins and all, for the job's micro-steps per rank (micro-batch 1)
-    plan, ranked, cards = plan_run(cfg, ds, config, positions, world, device, math.ceil(a.samples * a.epochs / world))
-    apply_to_ds(plan, ds)
-    shape = Shape.of(config, precision(ds).itemsize)
     main_len = sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len
-    predicted = {"peak_gib": predict_peak_gib(plan, shape, world, main_len), "step_s": step_seconds(plan, shape, cards, main_len)}
     sampler = DeviceSampler(device)
     if gpu:
         sampler.start()
     result = {"rank": rank, "recipe": a.recipe, "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
-              "plan": plan.as_dict(), "plan_line": plan.line(), "predicted_peak_gib": round(predicted["peak_gib"], 3),
-              "predicted_step_s": round(predicted["step_s"], 3), "host_gbps": round(cards.host_gbps, 1),
+              "plan": plan.as_dict(), "plan_line": plan.line(),
+              "predicted_peak_gib": round(predict_peak_gib(plan, shape, world, main_len), 3),
+              "predicted_step_s": round(step_seconds(plan, shape, cards, main_len), 3), "host_gbps": round(cards.host_gbps, 1),
               "total_gib": torch.cuda.get_device_properties(device).total_memory / GiB if gpu else 0,
-              "cap_gib": a.gpu_mem_gb, "offload": "param" if plan.offload_param else (a.offload or "none"), "micro_steps": 0,
-              "host_rss_before_load_gib": rss_gib()}
+              "cap_gib": cfg.gpu_memory_cap_gib, "offload": "param" if plan.offload_param else (cfg.offload or "none"),
+              "micro_steps": 0, "host_rss_before_load_gib": rss_gib()}
     t_build = time.time()
     try:
-        engine, hf_ds = prepare_engine(cfg, ds, 1000, plan, shape=None if a.model else config)
-        engine.module.get_base_model().full_vocabulary_loss = not ours
+        engine, hf_ds = prepare_engine(cfg, ds, 1000, plan, shape=None if has_checkpoint(cfg) else config)
+        engine.module.get_base_model().full_vocabulary_loss = a.recipe == "hf"
         if a.sdpa_cudnn:
             torch.backends.cuda.enable_cudnn_sdp(True)  # after the load, which switched it off (pick_attention)
-        model_bytes = checkpoint_bytes(a.model) if a.model else sum(
+        model_bytes = checkpoint_bytes(cfg.model_path) if has_checkpoint(cfg) else sum(
             getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
         params = list(engine.module.parameters())
         # the share of the frozen base this rank holds (ZeRO-3: 1 / world, also under an emulated world)
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
         result["base_share_held"] = held / sum(getattr(p, "ds_numel", p.numel()) for p in params)
         result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
-                      host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world, largest_shard_bytes(a.model) if a.model else 0))
+                      host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world, largest_shard_bytes(cfg.model_path) if has_checkpoint(cfg) else 0))
         if gpu:
             # set-up's own peak (building, loading), then the steps' peaks alone, as the loop's rows count them
             result.update(setup_peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,
@@ -218,17 +164,18 @@ def worker(a: argparse.Namespace) -> None:
         spec, pad_id = config.ts_spec, config.pad_token_id or 0  # the checkpoint's pad (pads carry no loss)
         sync = torch.cuda.synchronize if gpu else (lambda: None)
         result["also"] = []
-        for n in also:  # the same steps at other lengths, each with its own peak and the plan's prediction
+        ga = ds["gradient_accumulation_steps"]
+        for n in also_lengths(a):  # the same steps at other lengths, each with its own peak and the plan's prediction
             b = {k: v.to(device) for k, v in collate([probe_batch(n, spec, config.vocab_size)], pad_id).items()}
-            scale, *_ = step_token_scale([b] * a.grad_accum, a.grad_accum, world, device)
+            scale, *_ = step_token_scale([b] * ga, ga, world, device)
             took = []
-            for _ in range(a.steps * a.grad_accum):
+            for _ in range(a.steps * ga):
                 sync()
                 t = time.perf_counter()
                 micro_step(engine, b, scale)
                 sync()
                 took.append(time.perf_counter() - t)
-            result["also"].append({"seq_len": n, "micro_step_s": steady_median(took, a.grad_accum),
+            result["also"].append({"seq_len": n, "micro_step_s": steady_median(took, ga),
                                    "predicted_peak_gib": round(predict_peak_gib(plan, shape, world, n), 3),
                                    "predicted_step_s": round(step_seconds(plan, shape, cards, n), 3), **memory(device)})
             if gpu:
@@ -240,19 +187,19 @@ def worker(a: argparse.Namespace) -> None:
             batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
-        token_scale, *_ = step_token_scale([batch] * a.grad_accum, a.grad_accum, world, device)
+        token_scale, *_ = step_token_scale([batch] * ga, ga, world, device)
         result["seq_len"] = int(batch["input_ids"].shape[1])
         result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
         traffic = count_traffic()
         phases = PhasePeaks(engine, device) if a.phases and gpu else None
         times, losses, warm_traffic, gathered, step_peaks = [], [], {}, [], []
-        n_steps = a.steps * a.grad_accum
+        n_steps = a.steps * ga
         # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it); rank 0
         # profiles it, the others wait for rank 0 in it: every rank leaves it out of the steady median
         profiled = n_steps - 2 if a.profile and gpu and n_steps >= 2 else None
         prof = None
         for i in range(n_steps):
-            if i == a.grad_accum:
+            if i == ga:
                 warm_traffic = dict(traffic)
             if i == profiled and rank == 0:
                 prof = start_profile()
@@ -268,19 +215,19 @@ def worker(a: argparse.Namespace) -> None:
             if gpu and not phases:  # the running peak: which micro-step reaches it (--phases resets it)
                 step_peaks.append(round(torch.cuda.max_memory_allocated(device) / GiB, 3))
             result["micro_steps"] = i + 1
-            if i + 1 == a.grad_accum:
+            if i + 1 == ga:
                 result["first_step_done_s"] = time.time() - a.t0
         if profiled is not None:
             result["profiled_micro_step_s"] = times[profiled]
         if prof is not None:
             result["budget"] = kernel_budget(prof, times[profiled])
-            flags = "_hostckpt" * a.checkpoints_on_cpu + "_layers" * a.whole_layers
-            write_kernel_table(prof, a.profile, f"{a.recipe}_{a.offload or 'config'}_{result['seq_len']}{flags}")
-        counted_steps = n_steps - a.grad_accum if warm_traffic else n_steps
+            flags = "_hostckpt" * plan.checkpoints_on_cpu + "_layers" * plan.whole_layers
+            write_kernel_table(prof, a.profile, f"{a.recipe}_{cfg.offload or 'config'}_{result['seq_len']}{flags}")
+        counted_steps = n_steps - ga if warm_traffic else n_steps
         result["link_bytes_per_micro_step"] = {k: (v - warm_traffic.get(k, 0.0)) / max(counted_steps, 1)
                                                for k, v in traffic.items()}
         result.update(all_gather_bytes_per_micro_step=gathered, peak_allocated_so_far_gib=step_peaks)
-        result.update(ok=True, micro_step_s=steady_median(times, a.grad_accum, profiled), micro_step_times=times, losses=losses,
+        result.update(ok=True, micro_step_s=steady_median(times, ga, profiled), micro_step_times=times, losses=losses,
                       optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
         result.update(memory(device))
         if gpu:
@@ -302,50 +249,101 @@ def worker(a: argparse.Namespace) -> None:
         os._exit(3)  # the other ranks may be stuck in a collective; the parent ends them
 
 
-def shape_config(a: argparse.Namespace):
-    """The model shape without weights: a config.json (`--config`) or the published 14B config (`--release`)."""
+def recipe_config(cfg, a: Probe):
+    """The training options a recipe runs with: ours as given (packing where --pack), the usual recipe with none of
+    this project's (the reference plan: ZeRO-3, per-Linear gathers, every layer recomputed; plain activations)."""
+    cfg = replace(cfg, packing=bool(a.pack), grad_accum=cfg.grad_accum or 4, micro_batch=1)
+    if a.recipe != "hf":
+        return cfg
+    return replace(cfg, plan="reference", zero_stage=None, recompute_layers=None, gradient_checkpointing=None,
+                   checkpoints_on_cpu=None, gather_whole_layers=None, lean_activations=False, compile_layers=False)
+
+
+def run_cap(cfg) -> Optional[float]:
+    from chatts_train.fit.plan import run_cap_gib
+
+    return run_cap_gib(cfg.card, cfg.gpu_memory_cap_gib)
+
+
+def also_lengths(a: Probe) -> list[int]:
+    return [int(x) for x in a.also_seq_len.split(",") if x]
+
+
+def plan_probe(cfg, a: Probe, world: int, device):
+    """As training sets up (run.setup): the model's config, the DeepSpeed config, and the job's own plan for the
+    longest probed length and the job's micro-steps per rank, carried out in the DeepSpeed config."""
+    from chatts_train.fit.dsconfig import run_ds_config, run_precision
+    from chatts_train.fit.plan import Shape, apply_to_ds, plan_run
+    from chatts_train.model.modeling import check_checkpoint
+
+    config = check_checkpoint(cfg.model_path) if has_checkpoint(cfg) else shape_config(a)
+    gpu = device.type == "cuda"  # the CPU accelerator has no fp16: the tests' runs are fp32
+    ds = run_ds_config(cfg if gpu else replace(cfg, fp16=False, bf16=None), world, config.hidden_size,
+                       run_precision(cfg.fp16, cfg.bf16, cfg.card) if gpu else None)
+    if a.recipe == "hf":
+        ds["zero_optimization"] = usual_recipe(ds["zero_optimization"], config.hidden_size)
+    for kv in a.zero if a.recipe != "hf" else ():  # --zero's knobs are ours, never the usual recipe's
+        key, value = kv.split("=", 1)
+        ds["zero_optimization"][key] = json.loads(value)
+    positions = max([sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len] + also_lengths(a))
+    plan, _, cards = plan_run(cfg, ds, config, positions, world, device, math.ceil(a.samples * cfg.num_epochs / world))
+    apply_to_ds(plan, ds)
+    return config, ds, plan, cards, Shape.of(config, ds_bytes(ds))
+
+
+def ds_bytes(ds: dict) -> int:
+    from chatts_train.fit.dsconfig import precision
+
+    return precision(ds).itemsize
+
+
+def shape_config(a: Probe):
+    """The model shape without weights: a config.json (`--shape_config`) or the published 14B config (`--release`)."""
     from chatts_train.model.modeling import ChatTSConfig, read_chatts_config
     from chatts_train.model.published import chatts_config
 
-    raw = read_chatts_config(os.path.dirname(os.path.abspath(a.config))) if a.config else chatts_config(a.release)
+    raw = (read_chatts_config(os.path.dirname(os.path.abspath(a.shape_config))) if a.shape_config
+           else chatts_config(a.release))
     raw.pop("model_type", None)
     return ChatTSConfig(**raw)
 
 
 # ---------------------------------------------------------------------------------------------- parent
 
-def size_from_data(a: argparse.Namespace) -> None:
-    """With --data, probe the longest kept sample and count the samples for the job estimate."""
+def size_from_data(cfg, a: Probe) -> None:
+    """Where --data resolves (as training resolves it), probe its longest kept sample and count its samples."""
     from chatts_train.data.indexing import index_data, resolve_sources
+    from chatts_train.errors import ChatTSTrainError
     from chatts_train.model.processor import ChatTSProcessor
 
-    source = a.tokenizer or a.model
-    if not source:
-        raise SystemExit("--data needs --tokenizer (or --model): a ChatTS folder with the tokenizer and ts config")
-    index = index_data(resolve_sources(a.data, a.dataset_dir), ChatTSProcessor.from_pretrained(source), a.cutoff_len)
-    a.seq_len, a.samples, a.lengths = int(index.length.max()), len(index), [int(x) for x in index.length]
+    try:
+        sources = resolve_sources(cfg.data, cfg.dataset_dir)
+    except ChatTSTrainError:
+        return
+    index = index_data(sources, ChatTSProcessor.from_pretrained(cfg.model_path), cfg.cutoff_len)
+    a.seq_len, a.samples = int(index.length.max()), len(index)
 
 
-def run_probe(a: argparse.Namespace, recipe: str = "ours") -> dict:
+def run_probe(cfg, a: Probe, argv: list[str], recipe: str = "ours") -> dict:
+    """The probe's workers (one per GPU, or rank 0 alone of an emulated world), each running `worker` with the
+    parent's options and its resolved length; their reports summarised."""
     t0 = time.time()
-    if a.data:
-        size_from_data(a)
+    size_from_data(cfg, a)
     out = tempfile.mkdtemp(prefix="memprobe-")
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29611"),
            "WORLD_SIZE": str(a.num_gpus), "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    # Workers get this run's resolved length and offload (the parent's flags may say otherwise).
-    argv = [x for x in sys.argv[1:] if x not in ("--json", "--no-offload")] + ["--seq-len", str(a.seq_len), "--recipe", recipe]
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     if recipe == "hf":  # the usual recipe runs with PyTorch's default allocator
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:False"
-    if a.offload:
-        argv += ["--offload", a.offload]
+    # later options win: the workers get this run's resolved length and offload
+    argv = [*argv, "--seq_len", str(a.seq_len), "--recipe", recipe, "--json", "false", "--out", out, "--t0", str(t0)]
+    if cfg.offload:
+        argv += ["--offload", cfg.offload]
     workers = 1 if a.emulate_world else a.num_gpus  # an emulated world: rank 0 alone
     procs, logs = [], [open(os.path.join(out, f"rank{r}.log"), "w+") for r in range(workers)]
     for r in range(workers):  # each worker's output to its log (shown after it ends): a crash reports its error
-        procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(r), "--out", out,
-                                       "--t0", str(t0)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(r)],
+                                      env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                                       stdout=logs[r], stderr=subprocess.STDOUT))
     oom_seen = None
     while any(p.poll() is None for p in procs):
@@ -365,7 +363,7 @@ def run_probe(a: argparse.Namespace, recipe: str = "ours") -> dict:
         ranks.append(json.load(open(path)) if os.path.exists(path) else
                      {"rank": r, "ok": False, "crashed": proc.returncode != -9, "exit_code": proc.returncode,
                       "error": last_error(text) if proc.returncode != -9 else "ended after another rank's out of memory"})
-    return summarise_probe(a, ranks, time.time() - t0, recipe)
+    return summarise_probe(cfg, a, ranks, time.time() - t0, recipe)
 
 
 def last_error(text: str) -> str:
@@ -375,27 +373,27 @@ def last_error(text: str) -> str:
     return (named or lines or ["no output"])[-1][:400]
 
 
-def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -> dict:
+def summarise_probe(cfg, a: Probe, ranks: list[dict], wall_s: float, recipe: str = "ours") -> dict:
     from chatts_train.fit.cards import CARDS
-    from chatts_train.model.published import chatts_config
+    from chatts_train.fit.plan import Shape, step_flops
+    from chatts_train.model.modeling import config_of
 
     ok = all(r.get("ok") for r in ranks)
-    source = a.model and os.path.join(a.model, "config.json") or a.config
-    cfg = json.load(open(source)) if source else chatts_config(a.release)
+    shape = Shape.of(config_of(cfg.model_path) if has_checkpoint(cfg) else shape_config(a))
     alloc = "expandable_segments:False" if recipe == "hf" else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True (train()'s default)")
     rep = {"ok": ok, "recipe": recipe, "offload": ranks[0].get("offload"), "zero_overrides": a.zero, "gpus": a.num_gpus,
            "plan": ranks[0].get("plan"), "plan_line": ranks[0].get("plan_line"),
            "predicted_peak_gib": ranks[0].get("predicted_peak_gib"), "predicted_step_s": ranks[0].get("predicted_step_s"),
            "alloc_conf": alloc, "wall_s": round(wall_s, 1), "emulated_world": a.emulate_world,
-           "ranks": ranks, "budget_gib": a.budget_gb}
+           "ranks": ranks, "budget_gib": a.budget_gib}
     if ok:
         seq = ranks[0]["seq_len"]
         step = max(r["micro_step_s"] for r in ranks)
         # MFU against the card that ran the step (an emulated card's work runs on this one)
         ran_on = next((c for c in CARDS.values() if any(m in ranks[0]["gpu"] for m in c.matches)), None)
         plan = ranks[0].get("plan") or {}
-        share = plan.get("recompute_layers", cfg["num_hidden_layers"]) / cfg["num_hidden_layers"]
-        model_flops, hw_flops = flops_per_micro_step(cfg, seq, share)
+        model_flops = sum(step_flops(shape, seq, 0.0))
+        hw_flops = sum(step_flops(shape, seq, plan.get("recompute_layers", shape.layers) / shape.layers))
         rep.update(seq_len=seq, micro_step_s=round(step, 3), tokens_per_s_per_gpu=round(seq / step, 1),
                    time_to_first_step_s=round(max(r["first_step_done_s"] for r in ranks), 1),
                    device_peak_gib=round(max(r["device_peak_gib"] for r in ranks), 2),
@@ -419,15 +417,13 @@ def summarise_probe(a, ranks: list[dict], wall_s: float, recipe: str = "ours") -
                        "outside_allocator_gib",
                        "inactive_split_peak_gib")},
                    # an upper bound: every sample costs a micro-step at the probed (worst-case) length
-                   estimated_job_s=round(a.samples * a.epochs / a.num_gpus * step))
+                   estimated_job_s=round(a.samples * cfg.num_epochs / a.num_gpus * step))
         if rep["predicted_peak_gib"] and rep["peak_allocated_gib"]:  # did the plan's memory model hold? (GPU only)
             rep["prediction_error"] = round(rep["predicted_peak_gib"] / rep["peak_allocated_gib"] - 1, 4)
         rep["card"] = plan.get("card") or (ran_on.name if ran_on else None)
         if ran_on:
             rep["mfu"] = round(model_flops / step / (ran_on.fp16_tflops * 1e12), 3)
             rep["hfu"] = round(hw_flops / step / (ran_on.fp16_tflops * 1e12), 3)
-        if rep.get("budget"):
-            rep["job_on_2080ti"] = estimate_job(a, cfg, rep)
     rep["verdict"] = verdict(a, rep)
     return rep
 
@@ -439,10 +435,9 @@ def per_key_max(ranks: list[dict], key: str) -> dict:
 
 
 # what took ChatTS-14B at 4,096 tokens from 20.8 to 17.9 GiB device-level under a 22 GiB cap (HISTORY.md section 8)
-KNOBS = ("the layer checkpoints in host memory (--checkpoints-on-cpu here, --checkpoints_on_cpu in training; "
-         "-1.8 GiB allocated at 4,096 tokens on 14B), PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,"
-         "garbage_collection_threshold:0.7 with a per-process cap (--gpu-mem-gb here, --gpu_memory_cap_gib in "
-         "training; -1.2 GiB reserved), NCCL_MAX_NCHANNELS=4 on NVLink machines (-0.8 GiB outside PyTorch); "
+KNOBS = ("the layer checkpoints in host memory (--checkpoints_on_cpu true; -1.8 GiB allocated at 4,096 tokens "
+         "on 14B), PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,garbage_collection_threshold:0.7 with a "
+         "per-process cap (--gpu_memory_cap_gib; -1.2 GiB reserved), NCCL_MAX_NCHANNELS=4 on NVLink machines (-0.8 GiB outside PyTorch); "
          "all three: 17.9 GiB device-level on 14B at 4,096 tokens; or a shorter --cutoff_len")
 
 
@@ -460,24 +455,24 @@ def verdict(a, rep: dict) -> str:
     held = (f"; the plan predicted {rep['predicted_peak_gib']:.2f} GiB allocated, measured "
             f"{rep['peak_allocated_gib']:.2f} ({rep['prediction_error']:+.1%})" if "prediction_error" in rep else "")
     peak = rep["device_peak_gib"]
-    if rep["offload"] == "none" and peak <= a.budget_gb:
-        return (f"offload can go{where}: device-level peak {peak:.1f} GiB per GPU <= budget {a.budget_gb:g} GiB "
+    if rep["offload"] == "none" and peak <= a.budget_gib:
+        return (f"offload can go{where}: device-level peak {peak:.1f} GiB per GPU <= budget {a.budget_gib:g} GiB "
                 f"({rep['alloc_retries']} allocator retries){held}")
     if rep["offload"] == "none":
-        return (f"keep offload: device-level peak {peak:.1f} GiB per GPU > budget {a.budget_gb:g} GiB{where}{held}. "
+        return (f"keep offload: device-level peak {peak:.1f} GiB per GPU > budget {a.budget_gib:g} GiB{where}{held}. "
                 f"Next knobs: {KNOBS}.")
-    return f"with offload {rep['offload']}{where}: device-level peak {peak:.1f} GiB per GPU (budget {a.budget_gb:g} GiB){held}"
+    return f"with offload {rep['offload']}{where}: device-level peak {peak:.1f} GiB per GPU (budget {a.budget_gib:g} GiB){held}"
 
 
-def write_config(a, rep: dict) -> str | None:
+def write_config(cfg, a: Probe, rep: dict) -> str | None:
     """Write the DeepSpeed config the verdict calls for: the measured plan's ZeRO stage without offload when it
     fits, else ZeRO-3 with parameter offload."""
     if not a.write_config:
         return None
-    with open(a.ds_config) as f:
+    with open(cfg.ds_config) as f:
         ds = json.load(f)
     zero = ds.setdefault("zero_optimization", {})
-    fits = rep["ok"] and rep["offload"] == "none" and rep["device_peak_gib"] <= a.budget_gb
+    fits = rep["ok"] and rep["offload"] == "none" and rep["device_peak_gib"] <= a.budget_gib
     zero.pop("offload_optimizer", None)
     if fits:
         zero.pop("offload_param", None)
@@ -485,21 +480,22 @@ def write_config(a, rep: dict) -> str | None:
     else:
         zero.update(stage=3, offload_param={"device": "cpu", "pin_memory": True})
     ds["_memprobe"] = {"verdict": rep["verdict"], "seq_len": rep.get("seq_len"), "device_peak_gib": rep.get("device_peak_gib"),
-                       "gpu": rep["ranks"][0].get("gpu"), "cap_gib": a.gpu_mem_gb, "date": time.strftime("%Y-%m-%d")}
+                       "gpu": rep["ranks"][0].get("gpu"), "cap_gib": cfg.gpu_memory_cap_gib, "date": time.strftime("%Y-%m-%d")}
     with open(a.write_config, "w") as f:
         json.dump(ds, f, indent=2)
     return a.write_config
 
 
 def main(argv=None) -> None:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    a = parse(argv)
+    sys.path.insert(0, ROOT)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, a = parse(argv)
     if a.worker is not None:
-        return worker(a)
+        return worker(cfg, a)
     report_to, sys.stdout = sys.stdout, sys.stderr  # library logs (DeepSpeed prints to stdout) stay off the report
-    baseline = run_probe(a, "hf") if a.baseline else None
-    rep = run_probe(a)
-    rep["config_written"] = write_config(a, rep)
+    baseline = run_probe(cfg, a, argv, "hf") if a.baseline else None
+    rep = run_probe(cfg, a, argv)
+    rep["config_written"] = write_config(cfg, a, rep)
     if baseline:
         rep["baseline"] = {k: baseline.get(k) for k in ("recipe", "ok", "micro_step_s", "tokens_per_s_per_gpu", "mfu",
                                                        "device_peak_gib", "peak_allocated_gib", "peak_reserved_gib",
@@ -509,10 +505,10 @@ def main(argv=None) -> None:
             rep["baseline"]["speedup"] = round(baseline["micro_step_s"] / rep["micro_step_s"], 3)
             rep["baseline"]["allocated_saved_gib"] = round(baseline["peak_allocated_gib"] - rep["peak_allocated_gib"], 2)
     if a.compare_offload:
-        other = run_probe(argparse.Namespace(**{**vars(a), "offload": a.compare_offload}))
+        other = run_probe(replace(cfg, offload=a.compare_offload), a, argv)
         rep["compare"] = {k: other.get(k) for k in ("offload", "ok", "micro_step_s", "device_peak_gib",
                                                     "peak_allocated_gib", "peak_reserved_gib", "time_to_first_step_s",
-                                                    "link_bytes_per_micro_step", "budget", "job_on_2080ti", "verdict")}
+                                                    "link_bytes_per_micro_step", "budget", "verdict")}
         if rep["ok"] and other["ok"]:
             rep["compare"]["step_time_ratio"] = round(other["micro_step_s"] / rep["micro_step_s"], 3)
     sys.stdout = report_to
@@ -521,10 +517,10 @@ def main(argv=None) -> None:
         return
     keys = ["plan_line", "attention", "sdpa_kernel", "predicted_peak_gib", "prediction_error", "also", "seq_len", "micro_step_s", "tokens_per_s_per_gpu", "mfu", "hfu", "time_to_first_step_s", "device_peak_gib",
             "peak_allocated_gib", "peak_reserved_gib", "alloc_retries", "host_rss_after_load_gib", "host_peak_gib",
-            "estimated_job_s", "link_bytes_per_micro_step", "job_on_2080ti"]
+            "estimated_job_s", "link_bytes_per_micro_step"]
     where = (f"rank 0 of {a.emulate_world} emulated on one GPU (fake collectives: no link time in these numbers)"
              if a.emulate_world else f"{a.num_gpus} GPU(s)")
-    print(f"\nmemprobe: {where}, card {rep.get('card') or a.card}, offload {rep['offload']}, cap {a.gpu_mem_gb} GiB")
+    print(f"\nmemprobe: {where}, card {rep.get('card') or cfg.card}, offload {rep['offload']}, cap {cfg.gpu_memory_cap_gib} GiB")
     for k in keys:
         if k in rep:
             print(f"  {k:>22}: {rep[k]}")

@@ -1,5 +1,4 @@
 """The memory probe's report, verdict and config writing (a real 2-process run on the tiny model on CPU)."""
-import argparse
 import json
 import os
 import sys
@@ -9,10 +8,8 @@ from conftest import run_job
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import estimate_job  # noqa: E402
 import instruments  # noqa: E402
 import memprobe  # noqa: E402
-import setup_trace  # noqa: E402
 
 
 def probe(*args: str, port: str) -> dict:
@@ -27,9 +24,9 @@ def test_probe_runs_the_real_step_and_writes_the_verdict(tiny, synthetic, proces
     from chatts_train.data.indexing import index_data, resolve_sources
 
     out = tmp_path / "ds_no_offload.json"
-    rep = probe("--model", tiny["0801"], "--no-offload", "--data", "hbsn", "--dataset-dir", synthetic, "--grad-accum",
-                "2", "--steps", "1", "--write-config", str(out), "--compare-offload", "param", "--baseline", "hf",
-                port="29622")
+    rep = probe("--model_path", tiny["0801"], "--offload", "none", "--data", "hbsn", "--dataset_dir", synthetic,
+                "--grad_accum", "2", "--steps", "1", "--write_config", str(out), "--compare_offload", "param",
+                "--baseline", "hf", port="29622")
     index = index_data(resolve_sources("hbsn", synthetic), processors["0801"], 4096)
     assert rep["ok"] and rep["seq_len"] == int(index.length.max()) and rep["offload"] == "none"  # the longest sample
     assert [x["micro_steps"] for x in rep["ranks"]] == [2, 2] and all(x["optimizer_steps"] == 1 for x in rep["ranks"])
@@ -58,10 +55,11 @@ def test_probe_sets_up_exactly_what_train_runs(tiny, results):
     from test_training import scenario
 
     trained = scenario(results, "training_mode_and_setup")["setup"]
-    loaded = probe("--model", tiny["0801"], "--no-offload", "--seq-len", "300", "--grad-accum", "1", "--steps", "1",
-                   "--plan", "reference", port="29623")
-    shape_only = probe("--config", os.path.join(tiny["0801"], "config.json"), "--offload", "param", "--seq-len", "300",
-                       "--grad-accum", "1", "--steps", "1", "--plan", "reference", port="29624")
+    loaded = probe("--model_path", tiny["0801"], "--offload", "none", "--seq_len", "300", "--grad_accum", "1", "--steps",
+                   "1", "--plan", "reference", port="29623")
+    shape_only = probe("--model_path", "no-checkpoint-here", "--shape_config", os.path.join(tiny["0801"], "config.json"),
+                       "--offload", "param", "--seq_len", "300", "--grad_accum", "1", "--steps", "1", "--plan",
+                       "reference", port="29624")
     assert loaded["setup"] == trained
     assert shape_only["setup"] == {**trained, "offload_param": True}
     assert shape_only["host_need"]["pinned_partition_gib"] >= 0 and shape_only["ok"]
@@ -70,22 +68,21 @@ def test_probe_sets_up_exactly_what_train_runs(tiny, results):
 @pytest.mark.slow
 def test_one_rank_of_two_runs_in_one_process_with_its_partitions(tiny):
     """--emulate-world 2: rank 0 of two under a fake process group holds half the base and steps alone."""
-    common = ("--model", tiny["0801"], "--no-offload", "--zero-stage", "3", "--whole-layers", "--seq-len", "300",
-              "--grad-accum", "2", "--steps", "1")
-    rep = probe(*common, "--emulate-world", "2", port="29625")
+    common = ("--model_path", tiny["0801"], "--offload", "none", "--zero_stage", "3", "--gather_whole_layers", "true",
+              "--seq_len", "300", "--grad_accum", "2", "--steps", "1")
+    rep = probe(*common, "--emulate_world", "2", port="29625")
     assert rep["ok"] and rep["emulated_world"] == 2 and len(rep["ranks"]) == 1
     one = rep["ranks"][0]
     assert one["base_share_held"] == pytest.approx(0.5, abs=0.01) and one["optimizer_steps"] == 1
     assert "ZeRO-3, whole-layer gathers" in rep["plan_line"] and rep["sdpa_kernel"] in ("flash", "math")
-    alone = probe(*common, "--num-gpus", "1", port="29626")["ranks"][0]
+    alone = probe(*common, "--num_gpus", "1", port="29626")["ranks"][0]
     assert alone["base_share_held"] == 1.0
 
 
 def _args(tmp_path, **kw):
-    base = dict(release="0801", model=None, config=None, budget_gb=20.0, card="auto", emulate_world=None, samples=421, epochs=3.0, num_gpus=2,
-                gpu_mem_gb=22.0, zero=[], write_config=str(tmp_path / "out.json"),
-                ds_config=os.path.join(ROOT, "ds_config.json"))
-    return argparse.Namespace(**{**base, **kw})
+    """(training's options, the probe's own) as memprobe parses them."""
+    return memprobe.parse(["--model_path", "no-checkpoint-here", "--gpu_memory_cap_gib", "22", "--write_config",
+                           str(tmp_path / "out.json"), *[str(x) for kv in kw.items() for x in (f"--{kv[0]}", kv[1])]])
 
 
 def _rank(r, **kw):
@@ -96,30 +93,30 @@ def _rank(r, **kw):
 
 
 def test_verdicts_and_config(tmp_path):
-    a = _args(tmp_path)
-    fits = memprobe.summarise_probe(a, [_rank(0), _rank(1)], 60)
+    cfg, a = _args(tmp_path)
+    fits = memprobe.summarise_probe(cfg, a, [_rank(0), _rank(1)], 60)
     assert fits["verdict"].startswith("offload can go") and fits["card"] == "h100"  # cards.py's name
     assert 0 < fits["mfu"] < fits["hfu"] < 1
     no_recompute = {"recompute_layers": 0, "zero_stage": 2}
-    plain = memprobe.summarise_probe(a, [_rank(0, plan=no_recompute), _rank(1, plan=no_recompute)], 60)
+    plain = memprobe.summarise_probe(cfg, a, [_rank(0, plan=no_recompute), _rank(1, plan=no_recompute)], 60)
     assert plain["hfu"] == plain["mfu"]  # nothing recomputed: no recompute FLOPs counted
     assert fits["estimated_job_s"] == round(421 * 3 / 2 * 1.0)  # samples x epochs / GPUs x micro-step time
-    memprobe.write_config(a, fits)
+    memprobe.write_config(cfg, a, fits)
     assert "offload_param" not in json.load(open(a.write_config))["zero_optimization"]
 
-    over = memprobe.summarise_probe(a, [_rank(0), _rank(1, device_peak_gib=21.5)], 60)
+    over = memprobe.summarise_probe(cfg, a, [_rank(0), _rank(1, device_peak_gib=21.5)], 60)
     assert over["verdict"].startswith("keep offload") and "21.5" in over["verdict"]
     # the measured way under the budget: host checkpoints, the allocator's collection, NCCL channels
     assert all(k in over["verdict"] for k in ("--checkpoints_on_cpu", "garbage_collection_threshold", "NCCL_MAX_NCHANNELS"))
-    memprobe.write_config(a, over)
+    memprobe.write_config(cfg, a, over)
     assert "offload_param" in json.load(open(a.write_config))["zero_optimization"]  # the users' config kept
 
-    oom = memprobe.summarise_probe(a, [{"rank": 0, "ok": False, "oom": True, "micro_steps": 1, "offload": "none"},
+    oom = memprobe.summarise_probe(cfg, a, [{"rank": 0, "ok": False, "oom": True, "micro_steps": 1, "offload": "none"},
                                  {"rank": 1, "ok": False, "error": "no result"}], 60)
     assert oom["verdict"].startswith("does NOT fit: out of memory after 0 micro-steps")
     assert "shorter --cutoff_len" in oom["verdict"]
     # a worker that crashed (here: it could not import deepspeed) is not an out-of-memory verdict
-    crashed = memprobe.summarise_probe(a, [{"rank": 0, "ok": False, "crashed": True, "exit_code": 1, "error":
+    crashed = memprobe.summarise_probe(cfg, a, [{"rank": 0, "ok": False, "crashed": True, "exit_code": 1, "error":
                                             memprobe.last_error("Traceback (most recent call last):\n  File x\n"
                                                                 "ModuleNotFoundError: No module named 'deepspeed'\n")},
                                            {"rank": 1, "ok": False, "crashed": False, "exit_code": -9}], 60)
@@ -147,41 +144,6 @@ def test_kernel_budget_splits_a_micro_step_into_compute_exposed_communication_co
     assert b["nccl_exposed_s"] == 0.005 and b["idle_s"] == 0.011  # the NCCL time no compute or copy overlaps
 
 
-def test_job_estimate_from_measured_bytes_efficiency_and_idle():
-    from chatts_train.model.published import chatts_config
-
-    cfg = chatts_config("0801")
-    _, hw = estimate_job.flops_per_micro_step(cfg, 4096)
-    rep = {"seq_len": 4096, "card": "H200", "offload": "param",
-           "budget": {"compute_busy_s": hw / (0.5 * 989e12), "idle_s": 0.25},  # compute at 50% of peak
-           "link_bytes_per_micro_step": {"all_gather": 16e9, "reduce_scatter": 0.0, "all_reduce": 0.0}}
-    a = argparse.Namespace(num_gpus=2, epochs=3.0, cutoff_len=4096, samples=4, lengths=[1000, 1000, 1000, 1000])
-    est = estimate_job.estimate_job(a, cfg, rep)
-    assert est["compute_efficiency"] == 0.5
-    assert est["link_s_per_micro_step"] == 2.0  # 16 GB gathered + 16 GB of host-to-device copies over 16 GB/s
-    compute = estimate_job.flops_per_micro_step(cfg, 1000)[1] / (57e12 * 0.5)
-    per_gpu = 3.0 / 2
-    assert est["unpacked_minutes"] == [round(4 * max(compute, 2.0) * per_gpu / 60, 1),
-                                       round(4 * (compute + 2.0 + 0.25) * per_gpu / 60, 1)]
-    assert est["packs"] == 1  # the four 1,000-position samples fit one 4,096 pack
-
-
-def test_setup_trace_finds_the_peak_and_who_held_it():
-    GiB = 1024 ** 3
-
-    def at(site):  # torch's own frames are skipped: the caller is the site
-        return [{"filename": "/lib/torch/cuda/x.py", "line": 1, "name": "empty"}, {"filename": f"/src/{site}.py", "line": 7, "name": site}]
-
-    trace = [{"action": "alloc", "addr": 1, "size": GiB, "frames": at("partitions")},
-             {"action": "alloc", "addr": 2, "size": 2 * GiB, "frames": at("whole_lm_head")},
-             {"action": "free_requested", "addr": 2, "size": 2 * GiB},
-             {"action": "free_completed", "addr": 2, "size": 2 * GiB},
-             {"action": "alloc", "addr": 3, "size": GiB, "frames": at("partitions")}]
-    r = setup_trace.peak_of(trace)
-    assert r["peak_traced_gib"] == 3.0  # 1 + 2 before the free, not 1 + 1 after it
-    assert r["live_at_peak_by_site_gib"] == [["whole_lm_head.py:7:whole_lm_head", 2.0], ["partitions.py:7:partitions", 1.0]]
-
-
 def test_steady_median_leaves_out_warm_up_and_the_profiled_micro_step():
     times = [9.0, 2.0, 2.0, 2.0, 1.0, 1.2, 15.0, 1.1]  # first optimizer step warms up; step 6 waited on rank 0's profiler
     assert instruments.steady_median(times, 4, 6) == 1.1
@@ -192,8 +154,8 @@ def test_a_worker_that_crashes_is_reported_as_a_crash_with_its_error(tiny, tmp_p
     fake = tmp_path / "deepspeed"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('deepspeed is broken here (injected by the test)')\n")
-    r = run_job([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), "--model", tiny["0801"],
-                 "--num-gpus", "1", "--seq-len", "200", "--json"], timeout=180,
+    r = run_job([sys.executable, os.path.join(ROOT, "benchmarks", "memprobe.py"), "--model_path", tiny["0801"],
+                 "--num_gpus", "1", "--seq_len", "200", "--json"], timeout=180,
                 env={**os.environ, "PYTHONPATH": str(tmp_path), "MASTER_PORT": "29625"})
     rep = json.loads(r.stdout)
     assert not rep["ok"] and rep["verdict"].startswith("the probe failed, so it says nothing of memory: rank 0 "

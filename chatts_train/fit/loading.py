@@ -71,7 +71,7 @@ def build_model(model_path: Optional[str], ds: dict, attention: str = "sdpa",
 def default_dtype(dtype: torch.dtype):
     """Parameters created in `dtype`: zero.Init makes each one whole on the GPU before partitioning it, in
     torch's default dtype, and then converts it. In fp32 that was a vocabulary matrix's fp32 original and fp16
-    copy at once (2.9 + 1.45 GiB on 14B), the peak of set-up (measured with benchmarks/setup_trace.py)."""
+    copy at once (2.9 + 1.45 GiB on 14B), the peak of set-up (HISTORY.md section 5: the set-up trace)."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -179,7 +179,7 @@ class Failures:
             where = ", ".join(sample_names(self.run.index, ids))
             raise RankError(f"CUDA out of memory at sequence length {seq_len} (sample {where}) under the plan "
                             f"'{self.run.plan.line()}': {self.run.after_oom}; or a smaller --cutoff_len. "
-                            f"memprobe measures a plan first: benchmarks/memprobe.py --seq-len {seq_len}.") from e
+                            f"memprobe measures a plan first: benchmarks/memprobe.py --seq_len {seq_len}.") from e
         except Exception as e:
             if compile_failure(e):
                 first = (str(e).strip().splitlines() or [""])[0][:300]

@@ -187,7 +187,7 @@ def report_host_need(model_path: str, ds: dict, world: int) -> None:
     if need["node_gib"] > available:
         # A warning, not a refusal: memory-ballooned VMs report less than they can grow to.
         rank0_print(f"[host] warning: that is more than the {available:.0f} GiB available; the load may be OOM-killed. "
-                    f"Options: --offload none (check it fits: benchmarks/memprobe.py --no-offload), more GPUs, "
+                    f"Options: --offload none (check it fits: benchmarks/memprobe.py --offload none), more GPUs, "
                     f"or a machine with more RAM")
 
 
