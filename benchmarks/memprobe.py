@@ -115,130 +115,27 @@ def usual_recipe(zero: dict, hidden: int) -> dict:
 
 def worker(cfg, a: Probe) -> None:
     """One rank of the probe: `train()`'s own set-up and its own micro-step and token scale, on a synthetic batch of
-    the probed length: set up, then the other lengths, then the probed one, then the report."""
+    the probed length, in four steps: set up, the other lengths, the probed one, the report."""
     import torch
 
-    from chatts_train.fit.hostmem import host_need_gib, peak_rss_gib, rss_gib
-    from chatts_train.fit.plan import predict_peak_gib, step_seconds
-    from chatts_train.model.batching import collate, pack
-    from chatts_train.model.shards import checkpoint_bytes, largest_shard_bytes
-    from chatts_train.training.engine import describe_setup, init_process, loss_scale, prepare_engine
-    from chatts_train.training.loop import micro_step, step_token_scale
+    from chatts_train.fit.hostmem import peak_rss_gib
+    from chatts_train.training.engine import init_process
 
     cfg = recipe_config(cfg, a)
     rank, world, device = init_process(cfg.seed, run_cap(cfg), a.emulate_world)
     config, ds, plan, cards, shape = plan_probe(cfg, a, world, device)
-    gpu = device.type == "cuda"  # the CPU path (gloo, fp32) exists for the tests on the tiny model
-    main_len = sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len
     sampler = DeviceSampler(device)
-    if gpu:
+    if device.type == "cuda":
         sampler.start()
-    result = {"rank": rank, "recipe": a.recipe, "gpu": torch.cuda.get_device_name(device) if gpu else "cpu",
-              "plan": plan.as_dict(), "plan_line": plan.line(),
-              "predicted_peak_gib": round(predict_peak_gib(plan, shape, world, main_len), 3),
-              "predicted_step_s": round(step_seconds(plan, shape, cards, main_len), 3), "host_gbps": round(cards.host_gbps, 1),
-              "total_gib": torch.cuda.get_device_properties(device).total_memory / GiB if gpu else 0,
-              "cap_gib": cfg.gpu_memory_cap_gib, "offload": "param" if plan.offload_param else (cfg.offload or "none"),
-              "micro_steps": 0, "host_rss_before_load_gib": rss_gib()}
-    t_build = time.time()
+    result = {"rank": rank, "recipe": a.recipe, "micro_steps": 0}
     try:
-        engine, hf_ds = prepare_engine(cfg, ds, 1000, plan, shape=None if has_checkpoint(cfg) else config)
-        engine.module.get_base_model().full_vocabulary_loss = a.recipe == "hf"
-        if a.sdpa_cudnn:
-            torch.backends.cuda.enable_cudnn_sdp(True)  # after the load, which switched it off (pick_attention)
-        model_bytes = checkpoint_bytes(cfg.model_path) if has_checkpoint(cfg) else sum(
-            getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
-        params = list(engine.module.parameters())
-        # the share of the frozen base this rank holds (ZeRO-3: 1 / world, also under an emulated world)
-        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-        result["base_share_held"] = held / sum(getattr(p, "ds_numel", p.numel()) for p in params)
-        result.update(build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
-                      host_peak_after_load_gib=peak_rss_gib(), host_need=host_need_gib(model_bytes, ds, world, largest_shard_bytes(cfg.model_path) if has_checkpoint(cfg) else 0))
-        if gpu:
-            # set-up's own peak (building, loading), then the steps' peaks alone, as the loop's rows count them
-            result.update(setup_peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,
-                          reserved_after_setup_gib=torch.cuda.memory_reserved(device) / GiB,
-                          outside_allocator_after_setup_gib=outside_allocator_gib(device))
-            torch.cuda.reset_peak_memory_stats(device)
-            sampler.section = "steps"
-        spec, pad_id = config.ts_spec, config.pad_token_id or 0  # the checkpoint's pad (pads carry no loss)
-        sync = torch.cuda.synchronize if gpu else (lambda: None)
-        result["also"] = []
-        ga = ds["gradient_accumulation_steps"]
-        for n in also_lengths(a):  # the same steps at other lengths, each with its own peak and the plan's prediction
-            b = {k: v.to(device) for k, v in collate([probe_batch(n, spec, config.vocab_size)], pad_id).items()}
-            scale, *_ = step_token_scale([b] * ga, ga, world, device)
-            took = []
-            for _ in range(a.steps * ga):
-                sync()
-                t = time.perf_counter()
-                micro_step(engine, b, scale)
-                sync()
-                took.append(time.perf_counter() - t)
-            result["also"].append({"seq_len": n, "micro_step_s": steady_median(took, ga),
-                                   "predicted_peak_gib": round(predict_peak_gib(plan, shape, world, n), 3),
-                                   "predicted_step_s": round(step_seconds(plan, shape, cards, n), 3), **memory(device)})
-            if gpu:
-                torch.cuda.reset_peak_memory_stats(device)
-        if a.pack:
-            lengths = [int(x) for x in a.pack.split(",")]
-            batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], pad_id)
-        else:
-            batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
-        token_scale, *_ = step_token_scale([batch] * ga, ga, world, device)
-        result["seq_len"] = int(batch["input_ids"].shape[1])
-        result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
-        traffic = count_traffic()
-        phases = PhasePeaks(engine, device) if a.phases and gpu else None
-        times, losses, warm_traffic, gathered, step_peaks = [], [], {}, [], []
-        n_steps = a.steps * ga
-        # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it); rank 0
-        # profiles it, the others wait for rank 0 in it: every rank leaves it out of the steady median
-        profiled = n_steps - 2 if a.profile and gpu and n_steps >= 2 else None
-        prof = None
-        for i in range(n_steps):
-            if i == ga:
-                warm_traffic = dict(traffic)
-            if i == profiled and rank == 0:
-                prof = start_profile()
-            sync()
-            t = time.perf_counter()
-            loss = float(micro_step(engine, batch, token_scale))
-            sync()
-            times.append(time.perf_counter() - t)
-            if i == profiled and prof is not None:
-                prof.stop()  # its tables are made after the loop: that takes seconds the other ranks would wait
-            losses.append(loss)
-            gathered.append(traffic["all_gather"] - sum(gathered))
-            if gpu and not phases:  # the running peak: which micro-step reaches it (--phases resets it)
-                step_peaks.append(round(torch.cuda.max_memory_allocated(device) / GiB, 3))
-            result["micro_steps"] = i + 1
-            if i + 1 == ga:
-                result["first_step_done_s"] = time.time() - a.t0
-        if profiled is not None:
-            result["profiled_micro_step_s"] = times[profiled]
-        if prof is not None:
-            result["budget"] = kernel_budget(prof, times[profiled])
-            flags = "_hostckpt" * plan.checkpoints_on_cpu + "_layers" * plan.whole_layers
-            write_kernel_table(prof, a.profile, f"{a.recipe}_{cfg.offload or 'config'}_{result['seq_len']}{flags}")
-        counted_steps = n_steps - ga if warm_traffic else n_steps
-        result["link_bytes_per_micro_step"] = {k: (v - warm_traffic.get(k, 0.0)) / max(counted_steps, 1)
-                                               for k, v in traffic.items()}
-        result.update(all_gather_bytes_per_micro_step=gathered, peak_allocated_so_far_gib=step_peaks)
-        result.update(ok=True, micro_step_s=steady_median(times, ga, profiled), micro_step_times=times, losses=losses,
-                      optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
-        result.update(memory(device))
-        if gpu:
-            result["outside_allocator_gib"] = outside_allocator_gib(device)
-        if phases:
-            result["phase_peaks_gib"] = phases.peaks
-            result["peak_allocated_gib"] = max(v for k, v in phases.peaks.items() if not k.endswith(("_start", "_reserved")))
+        engine, hf_ds = set_up(cfg, a, config, ds, plan, cards, shape, world, device, result, sampler)  # noqa: F841
+        result["also"] = [measure_length(engine, a, config, plan, cards, shape, world, device, n) for n in also_lengths(a)]
+        measure_probed(engine, cfg, a, config, plan, world, device, rank, result)
     except torch.OutOfMemoryError as e:
         result.update(ok=False, oom=True, error=str(e).split("\n")[0][:300], **memory(device))
     sampler.running = False
-    if gpu:
+    if device.type == "cuda":
         sampler.join()
     result["device_peak_gib"] = sampler.peak / GiB
     result["device_peak_by_section_gib"] = {k: v / GiB for k, v in sampler.peaks.items()}
@@ -247,6 +144,149 @@ def worker(cfg, a: Probe) -> None:
         json.dump(result, f)
     if result.get("oom"):
         os._exit(3)  # the other ranks may be stuck in a collective; the parent ends them
+
+
+def set_up(cfg, a: Probe, config, ds: dict, plan, cards, shape, world: int, device, result: dict, sampler):
+    """The engine as train() makes it (and its hf_ds), and what set-up cost (time, host RAM, GPU memory) in `result`."""
+    import torch
+
+    from chatts_train.fit.hostmem import host_need_gib, peak_rss_gib, rss_gib
+    from chatts_train.fit.plan import predict_peak_gib, step_seconds
+    from chatts_train.model.shards import checkpoint_bytes, largest_shard_bytes
+    from chatts_train.training.engine import describe_setup, prepare_engine
+
+    gpu = device.type == "cuda"
+    main_len = sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len
+    result.update(gpu=torch.cuda.get_device_name(device) if gpu else "cpu", plan=plan.as_dict(), plan_line=plan.line(),
+                  predicted_peak_gib=round(predict_peak_gib(plan, shape, world, main_len), 3),
+                  predicted_step_s=round(step_seconds(plan, shape, cards, main_len), 3), host_gbps=round(cards.host_gbps, 1),
+                  total_gib=torch.cuda.get_device_properties(device).total_memory / GiB if gpu else 0,
+                  cap_gib=cfg.gpu_memory_cap_gib, offload="param" if plan.offload_param else (cfg.offload or "none"),
+                  host_rss_before_load_gib=rss_gib())
+    t_build = time.time()
+    engine, hf_ds = prepare_engine(cfg, ds, 1000, plan, shape=None if has_checkpoint(cfg) else config)
+    engine.module.get_base_model().full_vocabulary_loss = a.recipe == "hf"
+    if a.sdpa_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(True)  # an A/B after the load, which switched it off (plan.execute)
+    params = list(engine.module.parameters())
+    model_bytes = checkpoint_bytes(cfg.model_path) if has_checkpoint(cfg) else sum(
+        getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+    # the share of the frozen base this rank holds (ZeRO-3: 1 / world, also under an emulated world)
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    result.update(base_share_held=held / sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                  build_s=time.time() - t_build, setup=describe_setup(engine), host_rss_after_load_gib=rss_gib(),
+                  host_peak_after_load_gib=peak_rss_gib(),
+                  host_need=host_need_gib(model_bytes, ds, world, largest_shard_bytes(cfg.model_path) if has_checkpoint(cfg) else 0))
+    if gpu:
+        # set-up's own peak (building, loading), then the steps' peaks alone, as the loop's rows count them
+        result.update(setup_peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB,
+                      reserved_after_setup_gib=torch.cuda.memory_reserved(device) / GiB,
+                      outside_allocator_after_setup_gib=outside_allocator_gib(device))
+        torch.cuda.reset_peak_memory_stats(device)
+        sampler.section = "steps"
+    return engine, hf_ds  # keep hf_ds as long as the engine: transformers holds the ZeRO-3 config by weakref
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_length(engine, a: Probe, config, plan, cards, shape, world: int, device, n: int) -> dict:
+    """The probe's steps at another length: the steady micro-step, its peak and the plan's prediction."""
+    import torch
+
+    from chatts_train.fit.plan import predict_peak_gib, step_seconds
+    from chatts_train.model.batching import collate
+    from chatts_train.training.loop import micro_step, step_token_scale
+
+    ga = engine.gradient_accumulation_steps()
+    b = {k: v.to(device) for k, v in collate([probe_batch(n, config.ts_spec, config.vocab_size)],
+                                             config.pad_token_id or 0).items()}
+    scale, *_ = step_token_scale([b] * ga, ga, world, device)
+    took = []
+    for _ in range(a.steps * ga):
+        sync(device)
+        t = time.perf_counter()
+        micro_step(engine, b, scale)
+        sync(device)
+        took.append(time.perf_counter() - t)
+    row = {"seq_len": n, "micro_step_s": steady_median(took, ga),
+           "predicted_peak_gib": round(predict_peak_gib(plan, shape, world, n), 3),
+           "predicted_step_s": round(step_seconds(plan, shape, cards, n), 3), **memory(device)}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+def measure_probed(engine, cfg, a: Probe, config, plan, world: int, device, rank: int, result: dict) -> None:
+    """The probed length (or pack): every micro-step's time, loss, gathered bytes and running peak, one steady
+    micro-step profiled where asked, the collectives' bytes, into `result`."""
+    import torch
+
+    from chatts_train.model.batching import collate, pack
+    from chatts_train.training.engine import loss_scale
+    from chatts_train.training.loop import micro_step, step_token_scale
+
+    gpu, ga = device.type == "cuda", engine.gradient_accumulation_steps()
+    spec, pad_id = config.ts_spec, config.pad_token_id or 0  # the checkpoint's pad (pads carry no loss)
+    if a.pack:
+        lengths = [int(x) for x in a.pack.split(",")]
+        batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], pad_id)
+    else:
+        batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
+    token_scale, *_ = step_token_scale([batch] * ga, ga, world, device)
+    result["seq_len"] = int(batch["input_ids"].shape[1])
+    result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
+    traffic = count_traffic()
+    phases = PhasePeaks(engine, device) if a.phases and gpu else None
+    times, losses, warm_traffic, gathered, step_peaks = [], [], {}, [], []
+    n_steps = a.steps * ga
+    # a steady micro-step that is not an optimizer step's last one (7 of 8 in the job are like it); rank 0
+    # profiles it, the others wait for rank 0 in it: every rank leaves it out of the steady median
+    profiled = n_steps - 2 if a.profile and gpu and n_steps >= 2 else None
+    prof = None
+    for i in range(n_steps):
+        if i == ga:
+            warm_traffic = dict(traffic)
+        if i == profiled and rank == 0:
+            prof = start_profile()
+        sync(device)
+        t = time.perf_counter()
+        loss = float(micro_step(engine, batch, token_scale))
+        sync(device)
+        times.append(time.perf_counter() - t)
+        if i == profiled and prof is not None:
+            prof.stop()  # its tables are made after the loop: that takes seconds the other ranks would wait
+        losses.append(loss)
+        gathered.append(traffic["all_gather"] - sum(gathered))
+        if gpu and not phases:  # the running peak: which micro-step reaches it (--phases resets it)
+            step_peaks.append(round(torch.cuda.max_memory_allocated(device) / GiB, 3))
+        result["micro_steps"] = i + 1
+        if i + 1 == ga:
+            result["first_step_done_s"] = time.time() - a.t0
+    if profiled is not None:
+        result["profiled_micro_step_s"] = times[profiled]
+    if prof is not None:
+        result["budget"] = kernel_budget(prof, times[profiled])
+        flags = "_hostckpt" * plan.checkpoints_on_cpu + "_layers" * plan.whole_layers
+        write_kernel_table(prof, a.profile, f"{a.recipe}_{cfg.offload or 'config'}_{result['seq_len']}{flags}")
+    counted_steps = n_steps - ga if warm_traffic else n_steps
+    result["link_bytes_per_micro_step"] = {k: (v - warm_traffic.get(k, 0.0)) / max(counted_steps, 1)
+                                           for k, v in traffic.items()}
+    result.update(all_gather_bytes_per_micro_step=gathered, peak_allocated_so_far_gib=step_peaks)
+    result.update(ok=True, micro_step_s=steady_median(times, ga, profiled), micro_step_times=times, losses=losses,
+                  optimizer_steps=engine.global_steps, skipped_steps=engine.skipped_steps, loss_scale=loss_scale(engine))
+    result.update(memory(device))
+    if gpu:
+        result["outside_allocator_gib"] = outside_allocator_gib(device)
+    if phases:
+        result["phase_peaks_gib"] = phases.peaks
+        result["peak_allocated_gib"] = max(v for k, v in phases.peaks.items() if not k.endswith(("_start", "_reserved")))
 
 
 def recipe_config(cfg, a: Probe):
