@@ -385,7 +385,6 @@ def test_fused_kernels_that_fail_to_compile_stop_set_up_with_the_way_out(tiny, m
     def no_compiler(*args):
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
 
-    monkeypatch.setattr(engine, "fusing_unavailable", lambda: None)  # as on a CUDA machine with Triton
     monkeypatch.setattr(engine, "fused_kernels", lambda: Kernels(*(4 * [None])))
     monkeypatch.setattr(engine, "compile_ahead", no_compiler)
     with pytest.raises(TrainingError, match="C compiler.*--fused_kernels false") as e:

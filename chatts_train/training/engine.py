@@ -17,8 +17,7 @@ from .config import TrainConfig
 from ..fit.cpu_comm import fix_cpu_accelerator
 from ..fit.dsconfig import precision
 from ..errors import TrainingError
-from ..fit.lean_activations import (EAGER, compile_ahead, fused_kernels, fusing_unavailable, keep_fewer_activations,
-                               lean_modules)
+from ..fit.lean_activations import EAGER, compile_ahead, fused_kernels, keep_fewer_activations, lean_modules
 from ..fit.loading import build_model
 from .lora import add_lora
 from ..model.modeling import ChatTSConfig, check_checkpoint
@@ -141,7 +140,7 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
     fix_cpu_accelerator()  # done already where init_process made the process group; a custom loop may not have
     device = torch.device(get_accelerator().current_device_name())
     execute(plan)
-    kernels = fused_kernels() if plan.fused_kernels and not fusing_unavailable() else EAGER
+    kernels = fused_kernels() if plan.fused_kernels else EAGER
     if cfg.lean_activations and kernels is not EAGER:
         config = shape if shape is not None else check_checkpoint(cfg.model_path)
         try:
