@@ -38,6 +38,8 @@ MEASURED = [
     # (gpu_variants.sh turing_x2_probe); and the one-card loop (turing_loop: its steps' largest peak)
     (plan(3, True, 47, attention="sdpa_expanded_kv"), 2, 4096, 18.16),
     (plan(3, True, 47, attention="sdpa_expanded_kv"), 2, 2158, 16.85),
+    (plan(3, True, 47, attention="sdpa_expanded_kv"), 2, 2158, 16.76),  # another lease (turing_x2_probe_2158)
+    (plan(3, True, 47, attention="sdpa_expanded_kv"), 2, 4096, 18.24),
     (plan(3, True, 48, offload=True, attention="sdpa_expanded_kv"), 1, 2158, 3.88),
 ]
 
