@@ -312,7 +312,7 @@ def also_lengths(a: Probe) -> list[int]:
 def plan_probe(cfg, a: Probe, world: int, device):
     """As training sets up (run.setup): the model's config, the DeepSpeed config, and the job's own plan for the
     longest probed length and the job's micro-steps per rank, carried out in the DeepSpeed config."""
-    from chatts_train.fit.dsconfig import run_ds_config, run_precision
+    from chatts_train.fit.dsconfig import precision, run_ds_config, run_precision
     from chatts_train.fit.plan import Shape, apply_to_ds, plan_run
     from chatts_train.model.modeling import check_checkpoint
 
@@ -328,13 +328,7 @@ def plan_probe(cfg, a: Probe, world: int, device):
     positions = max([sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len] + also_lengths(a))
     plan, _, cards = plan_run(cfg, ds, config, positions, world, device, math.ceil(a.samples * cfg.num_epochs / world))
     apply_to_ds(plan, ds)
-    return config, ds, plan, cards, Shape.of(config, ds_bytes(ds))
-
-
-def ds_bytes(ds: dict) -> int:
-    from chatts_train.fit.dsconfig import precision
-
-    return precision(ds).itemsize
+    return config, ds, plan, cards, Shape.of(config, precision(ds).itemsize)
 
 
 def shape_config(a: Probe):

@@ -157,7 +157,7 @@ def _plan(argv: list[str]) -> None:
               f"optimizer steps), {best.job[0] / 60:.0f} min predicted for the chosen plan, {best.job[1]}-bound "
               f"(loading and saving not included)")
     print("step times: measured on 1 x H200 (RESULTS.md), scaled by the card's data-sheet rates and links "
-          "(fit/cards.py; RESULTS.md \"Cards\" says which inputs are measured)")
+          "(fit/cards.py; RESULTS.md \"The users' cards\" says which inputs are measured)")
     print(f"pin a plan with its options, e.g. {ranked[0].plan.flags()}")
 
 

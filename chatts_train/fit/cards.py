@@ -4,7 +4,7 @@
 fields): the kernels and dtypes it lacks switched off, PyTorch's memory capped to what the card leaves free.
 `auto` is the card this process finds. Rates are data-sheet figures (dense fp16 tensor math with fp32
 accumulate; memory bandwidth; links as x16 slots deliver them); the H200's are the measured ones where
-RESULTS.md has them ("Cards": which inputs are measured).
+RESULTS.md has them ("The users' cards": which inputs are measured).
 """
 from __future__ import annotations
 

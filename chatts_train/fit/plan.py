@@ -20,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from ..errors import ConfigError
 from ..model.attention import EXPANDED_KV, allow_sdpa_kernels, choose_attention
 from .cards import CARDS, REFERENCE_CARD, Card, card_named, detected_card, resolve_card
 
@@ -524,7 +525,8 @@ def _execution(shape: Shape, cards: Cards, pins: Pins, trainable_numel: int, dty
     attention = choose_attention(card.capability if card else None, sdpa_flash, cards.flash_attn, pins.attention)
     dtype = dtype or ("float32" if shape.bytes_per_value == 4 else "float16")
     if dtype == "bfloat16" and card is not None and not card.bf16:
-        raise ValueError(f"bf16 is on, but a {card.name} has no bf16: run fp16 (--fp16 true, or fp16 in the DeepSpeed file)")
+        raise ConfigError([f"bf16 is on, but a {card.name} has no bf16: run fp16 (--fp16 true, or fp16 in the DeepSpeed "
+                           f"file)"])
     return dict(card=card.name if card else None, emulated=cards.emulated, dtype=dtype, attention=attention,
                 sdpa_flash=sdpa_flash, fused_kernels=pins.fused_kernels and cards.kind == "cuda" and cards.compiler,
                 gpu_memory_cap_gib=cards.cap_gib, trainable_numel=trainable_numel, layer_numel=shape.layer_numel)
