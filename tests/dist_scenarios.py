@@ -188,7 +188,11 @@ def plans():
         with open(os.path.join(out_dir, "run.json")) as f:
             plan = json.load(f)["plan"]
         adapter = load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
-        out[name] = {"losses": [r["loss"] for r in rows(out_dir)], "plan": plan, "setup": seen["setup"],
+        compiled = None
+        if dist.get_rank() == 0:  # rank 0 wrote it before its train() returned
+            with open(os.path.join(out_dir, "summary.json")) as f:
+                compiled = json.load(f).get("compiled")
+        out[name] = {"losses": [r["loss"] for r in rows(out_dir)], "plan": plan, "setup": seen["setup"], "compiled": compiled,
                      "adapter": {k: v.double() for k, v in adapter.items()}}
     ref = out["reference"]["adapter"]
     for name, r in out.items():

@@ -62,6 +62,9 @@ def test_every_plan_computes_the_reference_steps(results):
     assert r["zero2_selective"]["setup"]["zero_stage"] == 2 and r["zero2_selective"]["setup"]["checkpointed_layers"] == 1
     assert r["auto"]["setup"]["compiled_layers"] == 0  # on the CPU the chooser does not compile
     assert r["zero1_compiled"]["setup"]["compiled_layers"] == 2 and r["zero1_compiled"]["plan"]["compile_layers"]
+    # the run's summary says what compiling cost: a layer's forward graph (its input requiring grad or not) and backward
+    compiled = r["zero1_compiled"]["compiled"]
+    assert compiled["graphs"] >= 2 and compiled["forward_s"] > 0 and compiled["fx_cache"], compiled
     assert r["zero2_compiled_selective"]["setup"]["checkpointed_layers"] == 1
     assert r["zero3_layers_host"]["setup"]["whole_layer_gathers"] and r["zero3_layers_host"]["setup"]["checkpoints_on_cpu"]
     assert not r["zero3_linear_host"]["setup"]["whole_layer_gathers"] and r["zero3_linear_host"]["setup"]["checkpoints_on_cpu"]

@@ -7,6 +7,7 @@ scheduler by hand.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -29,7 +30,7 @@ from ..errors import ChatTSTrainError, DataError, RankError, TrainingError
 from ..fit.hostmem import rss_gib
 from .metrics import MetricsLog, Progress, gather_named, memory_snapshot
 from ..ranks import LauncherWatch, killed_ranks, rank, rank0_print, sign_out
-from .run import Run, finish, score_held_out, setup
+from .run import Run, finish, first_step_done, score_held_out, setup
 from ..formats.run_record import sample_names
 from ..tokens import IGNORE_INDEX
 
@@ -85,7 +86,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
     reader, pad_id = SampleReader(run.index, run.processor), run.processor.tokenizer.pad_token_id
     log = MetricsLog(cfg.output_dir, run.rank == 0, cfg.tensorboard, resume_step=run.start_step if cfg.resume else None)
     stop, failures = StopRequest(), Failures(run)
-    batch_of = pack if cfg.packing else collate
+    batch_of = pack if cfg.packing else functools.partial(collate, multiple=run.plan.pad_to)
     bar = Progress(run.total_steps, run.start_step, run.rank == 0)
     first_step_s, samples_seen = None, 0
 
@@ -118,7 +119,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
                 losses.append(step_fn(engine, batch, token_scale))
         loss_sum = float(torch.stack(losses).sum())  # the step's one wait for the GPU
         step_time = time.perf_counter() - t0
-        first_step_s = first_step_s or (time.time() - run.started)
+        first_step_s = first_step_s or first_step_done(run, step_time)
 
         # ---- log ------------------------------------------------------------------------------------
         row = step_row(run, step, batches, loss_sum, tokens, answer_tokens, step_time, sum(len(i) for i in plan))

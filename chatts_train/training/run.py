@@ -21,6 +21,7 @@ from ..fit.dsconfig import precision, run_ds_config, run_precision
 from .engine import allocator_note, describe_setup, init_process, loss_scale, prepare_engine
 from ..errors import CheckpointError, ConfigError
 from ..use.evaluate import evaluate_samples, format_before_after, read_samples, score_by_dataset, write_report
+from ..fit.compiled_layers import compile_report
 from ..fit.hostmem import host_need_gib, node_memory_gib, peak_rss_gib, rss_gib
 from ..fit.lean_activations import fusing_unavailable
 from .metrics import format_run_summary, gather_named, memory_snapshot, plot, summarise_run
@@ -237,6 +238,18 @@ def score_held_out(run: Run) -> list[dict]:
     return rows
 
 
+def first_step_done(run: Run, step_s: float) -> float:
+    """Seconds from set-up's start to the end of the first optimizer step, said with what compiling took so far
+    (set-up's fused kernels and the first step's layers)."""
+    since_start = time.time() - run.started
+    compiled = compile_report()
+    if compiled:
+        cache = ", ".join(f"{n} {k}" for k, n in compiled["fx_cache"].items()) or "not used"
+        rank0_print(f"[time] first step {step_s:.1f} s; torch.compile so far {compiled['forward_s'] + compiled['backward_s']:.1f} s "
+                    f"({compiled['graphs']} graphs; Inductor's cache on disk: {cache}); set-up began {since_start:.0f} s ago")
+    return since_start
+
+
 def finish(run: Run, rows: list[dict], samples_seen: int, first_step_s: Optional[float],
            scores_before: Optional[list[dict]] = None) -> dict:
     """After the last step: the held-out score (--eval_at_end, beside --eval_at_start's), the summary, the plot."""
@@ -252,6 +265,8 @@ def finish(run: Run, rows: list[dict], samples_seen: int, first_step_s: Optional
                 rank0_print("\n[eval] held-out scores before and after training:\n"
                             + format_before_after(before, score_by_dataset(scored)))
     summary = {**summarise_run(rows, time.time() - run.started, samples_seen, first_step_s), **summary}
+    if compile_report():
+        summary["compiled"] = compile_report()
     if run.rank == 0:
         summary["adapter"] = os.path.join(cfg.output_dir, "adapter")
         if cfg.plot:
