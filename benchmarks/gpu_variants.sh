@@ -6,8 +6,9 @@
 # benchmarks/results/ with benchmarks/file_results.py.
 #   bash benchmarks/gpu_variants.sh NAME...      (GPU machine, wheels installed, PATH/PYTHONPATH set)
 #   bash benchmarks/gpu_variants.sh --list
-# `data` writes the random-weight 14B folder (benchmarks/write_random_checkpoint.py) and data of the users'
-# shape (make-data --scale 0.25: 105 samples, 723-2,158 positions); the variants on $MODEL need it first.
+# `data` writes the random-weight 14B folder (benchmarks/write_random_checkpoint.py; kept if there) and data of the
+# users' shape (make-data --scale 0.25: 105 samples, 723-2,158 positions; --scale 1 for job_*); the variants on
+# $MODEL need it first.
 # x2_* variants need two GPUs. The runs of benchmarks/HISTORY.md's rounds (2 GPUs, the stand-in models, the
 # loop-then-probe comparisons) left this table with the scripts they used at b9e11f5 (HISTORY.md says which).
 set -uo pipefail
@@ -20,9 +21,11 @@ LOOP2="env NUM_GPUS=2 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_s
 BUDGET="python3 benchmarks/loop_budget.py --model_path $MODEL --dataset_dir $DATA --max_steps ${STEPS:-5} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 AB="python3 benchmarks/micro_step_ab.py --model_path $MODEL --dataset_dir $DATA --plot false --tensorboard false --overwrite_output_dir"
 LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
+# LLaMA-Factory's wheels (benchmarks/peer_wheels.sh) go ahead of the pinned ones: it needs peft >= 0.18
+LF="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lf .whl/llamafactory/*.whl && env PYTHONPATH=/tmp/lf:${PYTHONPATH:-} PATH=/tmp/lf/bin:$PATH python3 benchmarks/llamafactory_peer.py --model_path $MODEL --dataset_dir $DATA --work $W/lf"
 
 declare -A V=(
-  [data]="python3 benchmarks/write_random_checkpoint.py --out $MODEL ${TOKENIZER:+--tokenizer $TOKENIZER} && python3 -m chatts_train.cli make-data --out $DATA --scale 0.25"
+  [data]="{ [ -f $MODEL/model.safetensors.index.json ] || python3 benchmarks/write_random_checkpoint.py --out $MODEL ${TOKENIZER:+--tokenizer $TOKENIZER}; } && python3 -m chatts_train.cli make-data --out $DATA --scale 0.25 && python3 -m chatts_train.cli make-data --out $W/data_full --scale 1"
   # the memory model's calibration: each plan kind at 1,600 and 4,096 positions (14B from config, 1 GPU)
   [probe_zero2_k0]="$PROBE --zero_stage 2 --recompute_layers 0 --compile_layers false"
   [probe_zero2_k24]="$PROBE --zero_stage 2 --recompute_layers 24 --compile_layers false"
@@ -33,7 +36,9 @@ declare -A V=(
   # ZeRO-1 (what the plan picks with the base whole since it stopped weighing ZeRO-2): no gradient hooks
   [probe_compiled_k0_zero1]="$PROBE --model_path $MODEL --zero_stage 1 --recompute_layers 0 --compile_layers true --profile $OUT/prof_compiled_k0_zero1"
   [probe_compiled_k0_zero1_1410]="python3 benchmarks/memprobe.py --num_gpus 1 --seq_len 1410 --json --model_path $MODEL --zero_stage 1 --recompute_layers 0 --compile_layers true"  # the loop's mean micro-step
-  [probe_compiled_k0_cudnn]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers true --sdpa_cudnn --profile $OUT/prof_compiled_k0_cudnn"
+  [probe_compiled_k0_cudnn]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers true --sdpa_cudnn true --profile $OUT/prof_compiled_k0_cudnn"
+  # the chosen plan with PyTorch's flash kernel instead of cuDNN's (the default on sm90 since issue 30)
+  [probe_compiled_k0_zero1_flash]="$PROBE --model_path $MODEL --zero_stage 1 --recompute_layers 0 --compile_layers true --sdpa_cudnn false --profile $OUT/prof_compiled_k0_zero1_flash"
   [probe_compiled_k24]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 24 --compile_layers true"
   [probe_compiled_k48]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 48 --compile_layers true"
   [probe_eager_k0]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers false --profile $OUT/prof_eager_k0"
@@ -49,9 +54,19 @@ declare -A V=(
   [plain_peft]="python3 benchmarks/plain_peft.py --seq-len 1600,4096"
   [plain_peft_no_ckpt]="python3 benchmarks/plain_peft.py --seq-len 1600,4096 --no-checkpointing"
   [usual_vs_auto]="$PROBE --baseline hf"
+  # the peer as ChatTS-Training's users run it: LLaMA-Factory 0.9.5's CLI, plain, with Liger kernels, with
+  # ChatTS-Training's ZeRO-3 file (benchmarks/llamafactory_peer.py; 5 / 5 / 4 optimizer steps, the first left out)
+  [lf_plain]="$LF --row plain --max_steps 5"
+  [lf_liger]="$LF --row liger --max_steps 5"
+  [lf_zero3]="$LF --row zero3 --max_steps 4"
+  # the users' whole job: launch.sh with no flags, 421 samples x 3 epochs (wall_s: launch to exit), then its first
+  # step again on the same machine with Inductor's caches on disk (2 steps, the plan the job chose pinned)
+  [job_users]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full OUTPUT=$W/job_users bash launch.sh"
+  [job_first_step]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full bash launch.sh --output_dir $W/job_first_step --max_steps 2 --zero_stage 1 --recompute_layers 0 --compile_layers true --plot false --overwrite_output_dir"
   # the real loop on the 14B folder: the plan the job chooses, uncapped and as a 48 / 24 GiB card
   [loop_auto]="$LOOP --output_dir $W/loop_auto"
   [loop_compiled]="$LOOP --output_dir $W/loop_compiled --compile_layers true"
+  [loop_compiled_flash]="$LOOP --output_dir $W/loop_compiled_flash --compile_layers true --sdpa_cudnn false"
   [loop_compiled_zero2]="$LOOP --output_dir $W/loop_compiled_zero2 --compile_layers true --zero_stage 2"  # the plan before ZeRO-1
   # micro-batch 2 x accumulation 4 (right-padded pairs, no attention mask since 2e93d38): beside loop_compiled
   [loop_mb2_compiled]="$LOOP --output_dir $W/loop_mb2_compiled --compile_layers true --micro_batch 2 --grad_accum 4"
