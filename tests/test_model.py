@@ -128,22 +128,6 @@ def test_batch_equals_one_by_one_on_mixed_batches(tiny, processors):
     assert int(together.num_tokens) == sum(int(a.num_tokens) for a in alone)
 
 
-def test_padding_to_a_multiple_changes_no_loss_or_logit(tiny, processors):
-    """The plan pads each micro-step to a multiple of 64 positions where cuDNN's attention runs (it plans once
-    per length): right pads, unlabelled, after the real positions, so causal attention keeps every number."""
-    model = load_model(tiny["0801"], dtype=torch.float32).eval()
-    proc = processors["0801"]
-    sample = proc.encode_chat("a series <ts><ts/>", [np.random.default_rng(3).normal(size=40)], "an answer")
-    pad = proc.tokenizer.pad_token_id
-    padded = collate([sample], pad, multiple=64)
-    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] - len(sample) in range(1, 64)
-    with torch.no_grad():
-        plain, wide = model(**collate([sample], pad)), model(**padded)
-    torch.testing.assert_close(wide.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(wide.logits, plain.logits, rtol=1e-5, atol=1e-5)
-    assert int(wide.num_tokens) == int(plain.num_tokens)
-
-
 def test_batcher_indices_give_the_searched_steps_without_a_search(tiny, processors):
     from host_waits import HostWaits
 

@@ -51,11 +51,10 @@ def register() -> None:
     AttentionMaskInterface.register(EXPANDED_KV, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def allow_sdpa_kernels(flash: bool, cudnn: bool = False) -> None:
-    """The process's SDPA kernels: flash where `flash` (off: a bigger card runs a Turing card's kernels), cuDNN's
-    where `cudnn` (it plans anew for every sequence length, ~0.14 s a 14B micro-step on 1 x H200: the plan pads
-    the lengths to a few; benchmarks/RESULTS.md)."""
-    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+def allow_sdpa_kernels(flash: bool) -> None:
+    """The process's SDPA kernels: cuDNN's never (it plans anew for every sequence length, ~0.14 s a 14B micro-step
+    on 1 x H200: benchmarks/RESULTS.md), flash where `flash` (off: a bigger card runs a Turing card's kernels)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
     torch.backends.cuda.enable_flash_sdp(flash)
 
 
