@@ -65,6 +65,7 @@ def test_every_plan_computes_the_reference_steps(results):
     # the run's summary says what compiling cost: a layer's forward graph (its input requiring grad or not) and backward
     compiled = r["zero1_compiled"]["compiled"]
     assert compiled["graphs"] >= 2 and compiled["forward_s"] > 0 and compiled["fx_cache"], compiled
+    assert "bypass" not in compiled["aot_cache"], compiled  # the layers' graphs go to AOTAutograd's cache on disk
     assert r["zero2_compiled_selective"]["setup"]["checkpointed_layers"] == 1
     assert r["zero3_layers_host"]["setup"]["whole_layer_gathers"] and r["zero3_layers_host"]["setup"]["checkpoints_on_cpu"]
     assert not r["zero3_linear_host"]["setup"]["whole_layer_gathers"] and r["zero3_linear_host"]["setup"]["checkpoints_on_cpu"]

@@ -8,8 +8,8 @@ SiLU gate, LoRA's scale-and-add) into fewer kernels.
 
 One graph serves all layers and lengths: the layers run the same code and the number of positions is dynamic,
 so compiling happens once per kind of call (a layer's input requires grad or not; a recomputed layer's first
-pass runs without autograd), during the run's first micro-step: 65 s on 1 x H200 for the 14B layers, 56 s on
-the next run with Inductor's cache on disk.
+pass runs without autograd), during the run's first micro-step: 65-69 s on 1 x H200 for the 14B layers when
+nothing is cached (RESULTS.md "The first step").
 Under the compiled graphs the lean-activation functions are traced like any other code: Inductor's partitioner
 then decides what a layer keeps for backward (RESULTS.md has what that costs in memory).
 """
@@ -21,6 +21,13 @@ import torch
 
 
 def compile_layers(layers: Sequence[torch.nn.Module], backend: str = "inductor") -> None:
+    import torch._functorch.config as aot_config
+
+    # The lean activations are custom autograd Functions, whose graphs AOTAutograd's on-disk cache skips unless
+    # allowed (torch's default: off); allowed, a second run on a machine loads the layers' compiled graphs
+    # (RESULTS.md "The first step"). The Functions are this package's own, traced into the graphs the cache keys.
+    if hasattr(aot_config, "autograd_cache_allow_custom_autograd_functions"):
+        aot_config.autograd_cache_allow_custom_autograd_functions = True
     for layer in layers:
         layer.forward = torch.compile(layer.forward, backend=backend, dynamic=True)
 
