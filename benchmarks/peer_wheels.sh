@@ -9,5 +9,5 @@ plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platfo
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
   -d .whl/llamafactory llamafactory==0.9.5 peft==0.18.0 datasets==4.0.0 trl==0.24.0 dill==0.3.8 \
   multiprocess==0.70.16 omegaconf==2.4.0 fire==0.7.1 tyro==0.8.14 docstring-parser==0.18.0 shtab==1.13.0 \
-  termcolor==3.3.0 liger-kernel==0.8.5
+  termcolor==3.3.0 liger-kernel==0.6.4
 ls -1 .whl/llamafactory

@@ -40,7 +40,7 @@ def main() -> None:
     from instruments import GiB, steady_median
     from memprobe import probe_batch, shape_config
 
-    config = shape_config(argparse.Namespace(config=a.config, release=a.release))
+    config = shape_config(argparse.Namespace(shape_config=a.config, release=a.release))
     config._attn_implementation = "sdpa"
     with no_init_weights(), torch.device("cuda"), default_dtype(torch.float16):
         model = ChatTSForCausalLM(config)
