@@ -17,7 +17,7 @@ throughput). Prints one JSON line: tokens/s, seconds per optimizer step, peak al
 
 Needs LLaMA-Factory 0.9.5 and what it imports (benchmarks/peer_wheels.sh). With DeepSpeed 0.18.1 under torch
 >= 2.11 the zero3 row's first step fails in the LR scheduler (DeepSpeed drops the empty no-decay parameter group
-after the scheduler was built; torch < 2.11 does not check): the row then drops that empty group before the
+after the scheduler was built; torch 2.6 does not raise): the row then drops that empty group before the
 scheduler is built, and its JSON line says so (`patched`).
 """
 from __future__ import annotations
