@@ -33,7 +33,7 @@ run_job() {
 
 # Use the project's environment if there is one; install what is missing on first run.
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
-# (found, not imported: importing DeepSpeed here would cost the job ~10 s before its launcher starts)
+# (found, not imported: importing DeepSpeed here cost the job ~19 s before its launcher started: RESULTS.md)
 if ! python3 -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('chatts_train', 'deepspeed', 'peft'))))" 2>/dev/null; then
   echo "[launch] installing chatts-train and its dependencies (first run)..."
   EXTRAS=demo bash scripts/install.sh

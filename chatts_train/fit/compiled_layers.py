@@ -8,7 +8,7 @@ SiLU gate, LoRA's scale-and-add) into fewer kernels.
 
 One graph serves all layers and lengths: the layers run the same code and the number of positions is dynamic,
 so compiling happens once per kind of call (a layer's input requires grad or not; a recomputed layer's first
-pass runs without autograd), during the run's first micro-step: 65-69 s on 1 x H200 for the 14B layers when
+pass runs without autograd), during the run's first micro-step: 65-84 s on 1 x H200 for the 14B layers when
 nothing is cached (RESULTS.md "The first step").
 Under the compiled graphs the lean-activation functions are traced like any other code: Inductor's partitioner
 then decides what a layer keeps for backward (RESULTS.md has what that costs in memory).

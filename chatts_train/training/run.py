@@ -265,8 +265,9 @@ def finish(run: Run, rows: list[dict], samples_seen: int, first_step_s: Optional
                 rank0_print("\n[eval] held-out scores before and after training:\n"
                             + format_before_after(before, score_by_dataset(scored)))
     summary = {**summarise_run(rows, time.time() - run.started, samples_seen, first_step_s), **summary}
-    if compile_report():
-        summary["compiled"] = compile_report()
+    compiled = compile_report()
+    if compiled:
+        summary["compiled"] = compiled
     if run.rank == 0:
         summary["adapter"] = os.path.join(cfg.output_dir, "adapter")
         if cfg.plot:
