@@ -1,0 +1,72 @@
+"""What the first step's compiling costs on a second run: decoder layers compiled as the loop compiles them (PEFT
+LoRA on q/k/v, the lean activations, `compile_layers`), in fresh processes one after another over one Inductor
+cache folder, each printing its first forward and backward's seconds and `compile_report()` as a JSON line.
+
+    python benchmarks/compile_cache.py [--runs 2] [--layers 6] [--custom_autograd_cache false] [--cache_dir DIR]
+
+The tiny model's shape with `--layers` decoder layers, on this process's device (the CPU here: Inductor's C++
+kernels). `--custom_autograd_cache false` turns off, after `compile_layers`, what it turns on: AOTAutograd's
+on-disk cache for graphs holding custom autograd Functions (RESULTS.md "The first step").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def one_run(layers: int, custom_autograd_cache: bool) -> dict:
+    import torch
+    import torch._functorch.config as aot_config
+    from peft import LoraConfig, get_peft_model
+
+    from chatts_train.fit.compiled_layers import compile_layers, compile_report
+    from chatts_train.fit.lean_activations import keep_fewer_activations
+    from chatts_train.model.modeling import ChatTSConfig, ChatTSForCausalLM
+    from chatts_train.model.published import TINY, chatts_config
+
+    raw = chatts_config("0801", **{**TINY, "num_hidden_layers": layers, "max_window_layers": layers})
+    raw.pop("model_type")
+    config = ChatTSConfig(**raw)
+    config._attn_implementation = "sdpa"
+    model = get_peft_model(ChatTSForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    keep_fewer_activations(model.base_model.model)
+    compile_layers(model.base_model.model.model.layers)
+    aot_config.autograd_cache_allow_custom_autograd_functions = custom_autograd_cache
+    model.train()
+    seconds = []
+    for n in (40, 57):  # a second length: no new graph (dynamic positions)
+        t = time.perf_counter()
+        out = model.base_model.model.model(input_ids=torch.randint(0, 1000, (1, n)), use_cache=False)
+        out.last_hidden_state.float().sum().backward()
+        seconds.append(round(time.perf_counter() - t, 2))
+    return {"first_call_s": seconds[0], "second_length_s": seconds[1], "compiled": compile_report()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--custom_autograd_cache", choices=["true", "false"], default="true")
+    p.add_argument("--cache_dir", default=None, help="Inductor's cache folder (default: a new one, empty)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(one_run(a.layers, a.custom_autograd_cache == "true")), flush=True)
+        return
+    cache = a.cache_dir or tempfile.mkdtemp(prefix="inductor-")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    for run in range(1, a.runs + 1):
+        out = subprocess.run([sys.executable, __file__, "--child", "--layers", str(a.layers), "--custom_autograd_cache",
+                              a.custom_autograd_cache], env=env, capture_output=True, text=True, check=True)
+        print(json.dumps({"run": run, "cache_dir": cache, **json.loads(out.stdout.strip().splitlines()[-1])}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
