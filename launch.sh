@@ -31,6 +31,20 @@ run_job() {
   return $rc
 }
 
+# One node: DeepSpeed's per-node launcher started directly, with the command its runner would give it (the
+# runner's own start, an import of DeepSpeed, cost the job ~14 s: RESULTS.md); GPUs: CUDA_VISIBLE_DEVICES' first N.
+one_node() {  # one_node N: `launcher`, for N processes on this node
+  local world
+  world=$(python3 -c 'import base64, json, os, sys
+n, visible = int(sys.argv[1]), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+seen = [d.strip() for d in visible.split(",") if d.strip()]
+ids = [int(d) for d in seen] if seen and all(d.isdigit() for d in seen) else list(range(n))
+if len(ids) < n:
+    sys.exit(f"[launch] NUM_GPUS={n}, but CUDA_VISIBLE_DEVICES={visible} names {len(ids)}: set NUM_GPUS={len(ids)}")
+print(base64.urlsafe_b64encode(json.dumps({"localhost": ids[:n]}).encode()).decode())' "$1") || exit 1
+  launcher=(python3 -u -m deepspeed.launcher.launch --world_info="$world" --master_addr=127.0.0.1 --master_port="$MASTER_PORT")
+}
+
 # Use the project's environment if there is one; install what is missing on first run.
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 # (found, not imported: importing DeepSpeed here cost the job ~19 s before its launcher started: RESULTS.md)
@@ -51,7 +65,8 @@ if [ ! -f "$MODEL_PATH/config.json" ]; then
   echo "[launch] The task: is there a spike or a level shift in the series? The question never changes, so only"
   echo "[launch] the series tell the answer; 32 held-out samples are scored before and after training."
   export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-  run_job deepspeed --num_gpus 2 --master_port "$MASTER_PORT" --module chatts_train \
+  one_node 2
+  run_job "${launcher[@]}" --module chatts_train \
     --model_path "$DEMO/tiny-chatts" --data anomaly --dataset_dir "$DEMO/data" \
     --output_dir "$DEMO" --overwrite_output_dir --ds_config "$DS_CONFIG" --fp16 false --offload none \
     --val_size 32 --micro_batch 4 --grad_accum 1 --num_epochs 10 --learning_rate 1e-2 --encoder_lr 3e-3 \
@@ -59,11 +74,10 @@ if [ ! -f "$MODEL_PATH/config.json" ]; then
   exit $?
 fi
 
-launcher=(deepspeed --master_port "$MASTER_PORT")
 if [ -n "$HOSTFILE" ]; then
-  launcher+=(--hostfile "$HOSTFILE")
+  launcher=(deepspeed --master_port "$MASTER_PORT" --hostfile "$HOSTFILE")
 else
-  launcher+=(--num_gpus "$NUM_GPUS")
+  one_node "$NUM_GPUS"
 fi
 run_job "${launcher[@]}" --module chatts_train --model_path "$MODEL_PATH" --data "$DATA" \
   --dataset_dir "$DATASET_DIR" --output_dir "$OUTPUT" --ds_config "$DS_CONFIG" "$@"
