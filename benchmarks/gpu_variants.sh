@@ -36,8 +36,7 @@ declare -A V=(
   # ZeRO-1 (what the plan picks with the base whole since it stopped weighing ZeRO-2): no gradient hooks
   [probe_compiled_k0_zero1]="$PROBE --model_path $MODEL --zero_stage 1 --recompute_layers 0 --compile_layers true --profile $OUT/prof_compiled_k0_zero1"
   [probe_compiled_k0_zero1_1410]="python3 benchmarks/memprobe.py --num_gpus 1 --seq_len 1410 --json --model_path $MODEL --zero_stage 1 --recompute_layers 0 --compile_layers true"  # the loop's mean micro-step
-  [probe_compiled_k0_cudnn]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers true --sdpa_cudnn true --profile $OUT/prof_compiled_k0_cudnn"
-  [probe_compiled_k0_zero1_flash]="$PROBE --model_path $MODEL --zero_stage 1 --recompute_layers 0 --compile_layers true --sdpa_cudnn false --profile $OUT/prof_compiled_k0_zero1_flash"  # beside the plan's cuDNN
+  [probe_compiled_k0_cudnn]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers true --sdpa_cudnn --profile $OUT/prof_compiled_k0_cudnn"
   [probe_compiled_k24]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 24 --compile_layers true"
   [probe_compiled_k48]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 48 --compile_layers true"
   [probe_eager_k0]="$PROBE --model_path $MODEL --zero_stage 2 --recompute_layers 0 --compile_layers false --profile $OUT/prof_eager_k0"
@@ -61,12 +60,10 @@ declare -A V=(
   # the users' whole job: launch.sh with no flags, 421 samples x 3 epochs (wall_s: launch to exit), then its first
   # step again on the same machine with Inductor's caches on disk (2 steps, the plan the job chose pinned)
   [job_users]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full OUTPUT=$W/job_users bash launch.sh"
-  [job_users_flash]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full OUTPUT=$W/job_users_flash bash launch.sh --sdpa_cudnn false"  # beside the plan's cuDNN (sm90)
   [job_first_step]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full bash launch.sh --output_dir $W/job_first_step --max_steps 2 --zero_stage 1 --recompute_layers 0 --compile_layers true --plot false --overwrite_output_dir"
   # the real loop on the 14B folder: the plan the job chooses, uncapped and as a 48 / 24 GiB card
   [loop_auto]="$LOOP --output_dir $W/loop_auto"
   [loop_compiled]="$LOOP --output_dir $W/loop_compiled --compile_layers true"
-  [loop_compiled_flash]="$LOOP --output_dir $W/loop_compiled_flash --compile_layers true --sdpa_cudnn false"  # beside the plan's cuDNN (sm90)
   [loop_compiled_zero2]="$LOOP --output_dir $W/loop_compiled_zero2 --compile_layers true --zero_stage 2"  # the plan before ZeRO-1
   # micro-batch 2 x accumulation 4 (right-padded pairs, no attention mask since 2e93d38): beside loop_compiled
   [loop_mb2_compiled]="$LOOP --output_dir $W/loop_mb2_compiled --compile_layers true --micro_batch 2 --grad_accum 4"

@@ -52,6 +52,7 @@ class Probe:
     baseline: Optional[str] = None  # hf: first the usual recipe (full-vocabulary loss, LLaMA-Factory's ZeRO-3 file), then ours
     profile: Optional[str] = None  # profile one steady micro-step on rank 0: its time budget, the kernel table in this folder
     phases: bool = False  # the peak allocated inside forward, backward and step (resets the peak counters)
+    sdpa_cudnn: bool = False  # an A/B only: SDPA's cuDNN kernel back on (the job leaves it off: it plans every new length)
     write_config: Optional[str] = None  # where to write the verdict's DeepSpeed config
     json: bool = False
     recipe: str = "ours"  # (internal) ours or hf
@@ -165,6 +166,8 @@ def set_up(cfg, a: Probe, config, ds: dict, plan, cards, shape, world: int, devi
     t_build = time.time()
     engine, hf_ds = prepare_engine(cfg, ds, 1000, plan, shape=None if has_checkpoint(cfg) else config)
     engine.module.get_base_model().full_vocabulary_loss = a.recipe == "hf"
+    if a.sdpa_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(True)  # an A/B after the load, which switched it off (plan.execute)
     params = list(engine.module.parameters())
     model_bytes = checkpoint_bytes(cfg.model_path) if has_checkpoint(cfg) else sum(
         getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
@@ -201,7 +204,7 @@ def measure_length(engine, a: Probe, config, plan, cards, shape, world: int, dev
 
     ga = engine.gradient_accumulation_steps()
     b = {k: v.to(device) for k, v in collate([probe_batch(n, config.ts_spec, config.vocab_size)],
-                                             config.pad_token_id or 0, multiple=plan.pad_to).items()}
+                                             config.pad_token_id or 0).items()}
     scale, *_ = step_token_scale([b] * ga, ga, world, device)
     took = []
     for _ in range(a.steps * ga):
@@ -233,12 +236,11 @@ def measure_probed(engine, cfg, a: Probe, config, plan, world: int, device, rank
         lengths = [int(x) for x in a.pack.split(",")]
         batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], pad_id)
     else:
-        lengths = [a.seq_len]
-        batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id, multiple=plan.pad_to)
+        batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id)
     batch = {k: v.to(device) for k, v in batch.items()}
     # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
     token_scale, *_ = step_token_scale([batch] * ga, ga, world, device)
-    result["seq_len"] = sum(lengths)  # positions without the plan's pads, as the loop counts them
+    result["seq_len"] = int(batch["input_ids"].shape[1])
     result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
     traffic = count_traffic()
     phases = PhasePeaks(engine, device) if a.phases and gpu else None

@@ -128,52 +128,6 @@ def test_batch_equals_one_by_one_on_mixed_batches(tiny, processors):
     assert int(together.num_tokens) == sum(int(a.num_tokens) for a in alone)
 
 
-def test_padding_to_a_multiple_changes_no_loss_or_logit(tiny, processors):
-    """The plan pads each micro-step to a multiple of 64 positions where cuDNN's attention runs (it plans once
-    per length): right pads, unlabelled, after the real positions, so causal attention keeps every number."""
-    model = load_model(tiny["0801"], dtype=torch.float32).eval()
-    proc = processors["0801"]
-    sample = proc.encode_chat("a series <ts><ts/>", [np.random.default_rng(3).normal(size=40)], "an answer")
-    pad = proc.tokenizer.pad_token_id
-    padded = collate([sample], pad, multiple=64)
-    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] - len(sample) in range(1, 64)
-    with torch.no_grad():
-        plain, wide = model(**collate([sample], pad)), model(**padded)
-    torch.testing.assert_close(wide.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(wide.logits, plain.logits, rtol=1e-5, atol=1e-5)
-    assert int(wide.num_tokens) == int(plain.num_tokens)
-
-
-def test_cudnn_attention_runs_between_compiled_graphs_with_the_same_numbers(tiny, processors):
-    """Compiled layers with cuDNN's SDPA call it between their graphs (`sdpa_uncompiled`, the plan's
-    attn_implementation): Dynamo breaks the graph there, and the loss and a weight's gradient equal plain SDPA's."""
-    from torch._dynamo.utils import counters
-
-    from chatts_train.fit.compiled_layers import compile_layers
-    from chatts_train.model.attention import UNCOMPILED_SDPA
-    from chatts_train.training.engine import decoder_layers
-
-    proc = processors["0801"]
-    sample = proc.encode_chat("a series <ts><ts/>", [np.random.default_rng(5).normal(size=40)], "an answer")
-    batch = collate([sample], proc.tokenizer.pad_token_id, multiple=64)
-    runs = []
-    for attention in ("sdpa", UNCOMPILED_SDPA):
-        torch._dynamo.reset()
-        counters.clear()
-        model = load_model(tiny["0801"], dtype=torch.float32).train()
-        model.config._attn_implementation = attention
-        compile_layers(decoder_layers(model), backend="aot_eager")
-        out = model(**batch)
-        out.loss_sum.backward()
-        breaks = sum(n for reason, n in counters["graph_break"].items() if "disable" in reason.lower())
-        runs.append((out.loss_sum.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone(), breaks))
-    torch._dynamo.reset()
-    (loss, grad, inside), (loss_u, grad_u, between) = runs
-    assert inside == 0 and between > 0
-    torch.testing.assert_close(loss_u, loss)
-    torch.testing.assert_close(grad_u, grad)
-
-
 def test_batcher_indices_give_the_searched_steps_without_a_search(tiny, processors):
     from host_waits import HostWaits
 

@@ -38,13 +38,8 @@ class Card:
 
     @property
     def sdpa_flash(self) -> bool:
-        """PyTorch's flash and cuDNN SDPA kernels need sm80+."""
+        """PyTorch's flash (and cuDNN) SDPA kernels need sm80+."""
         return self.capability >= (8, 0)
-
-    @property
-    def sdpa_cudnn(self) -> bool:
-        """SDPA's cuDNN attention: measured on sm90 only (1.8x PyTorch's flash kernel there: RESULTS.md)."""
-        return self.capability >= (9, 0)
 
     @property
     def compiles(self) -> bool:

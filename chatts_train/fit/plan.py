@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from ..errors import ConfigError
-from ..model.attention import EXPANDED_KV, UNCOMPILED_SDPA, allow_sdpa_kernels, choose_attention
+from ..model.attention import EXPANDED_KV, allow_sdpa_kernels, choose_attention
 from .cards import CARDS, REFERENCE_CARD, Card, card_named, detected_card, resolve_card
 
 GiB = 1024 ** 3
@@ -49,11 +49,10 @@ HOST_CHECKPOINTS_FACTOR = 1.10  # recomputed layers' inputs to host memory and b
 COMPILED_STEP_RATIO = {1600: 0.711, 4096: 0.909}  # compiled / op by op ("The launch-bound micro-step")
 COMPILE_S = 75.0  # compiling the 14B layers in the first micro-step, nothing cached: 56-84 s ("The first step")
 # The card model (step_time): the shares of the data sheet's rate the H200 reached, taken to hold on other
-# cards ("The users' cards"): GEMMs 658-691 of 989 TFLOPS; SDPA flash / memory-efficient with K/V expanded /
-# cuDNN 2.70 / 5.30 / 1.56 ms a layer's forward and backward at 4,096 positions (kernels/*_4096.txt).
+# cards ("The users' cards"): GEMMs 658-691 of 989 TFLOPS; SDPA flash / memory-efficient with K/V expanded
+# 2.70 / 5.30 ms a layer's forward and backward at 4,096 positions.
 GEMM_SHARE = 0.68
-ATTENTION_SHARE = {"flash": 0.19, "memory-efficient": 0.098, "cudnn": 0.33}
-CUDNN_PAD_TO = 64  # cuDNN plans its attention per sequence length (~0.14 s of host time each): pad to few lengths
+ATTENTION_SHARE = {"flash": 0.19, "memory-efficient": 0.098}
 @dataclass(frozen=True)
 class Shape:
     """What the memory model needs of a ChatTS config."""
@@ -207,24 +206,11 @@ class Plan:
     emulated: bool = False  # a bigger card plays `card`: what it lacks switched off, memory capped
     dtype: str = "float16"  # the run's precision: float16, bfloat16, float32 (the CPU)
     attention: str = "sdpa"  # transformers' attention implementation (sdpa: GQA in the kernel; sdpa_expanded_kv)
-    sdpa_flash: bool = True  # SDPA's flash kernel may run (sm80+, not emulating an older card)
-    sdpa_cudnn: bool = False  # SDPA's cuDNN kernel runs (sm90, unpacked sdpa); micro-steps padded to CUDNN_PAD_TO
+    sdpa_flash: bool = True  # SDPA's flash kernel may run (sm80+, not emulating an older card); cuDNN's never
     fused_kernels: bool = False  # the lean norms and gate as compiled kernels (op by op where layers compile)
     gpu_memory_cap_gib: Optional[float] = None  # PyTorch's memory per process (--gpu_memory_cap_gib, a named card)
     trainable_numel: int = 0  # caps ZeRO's gradient bucket (0: the DeepSpeed file's)
     layer_numel: int = 0  # ZeRO-3 whole-layer gathers: what two layers live and one reused mean in elements
-
-    @property
-    def pad_to(self) -> int:
-        """Each micro-step's positions are padded to a multiple of this (right, unlabelled: exact under causal
-        attention), so that cuDNN's attention plans a few lengths, each once."""
-        return CUDNN_PAD_TO if self.sdpa_cudnn else 1
-
-    @property
-    def attn_implementation(self) -> str:
-        """What transformers loads: `attention`, except that cuDNN's SDPA in compiled layers runs between their
-        graphs (traced into them, it left the loop compiling for new lengths: RESULTS.md)."""
-        return UNCOMPILED_SDPA if self.sdpa_cudnn and self.compile_layers and self.attention == "sdpa" else self.attention
 
     @property
     def base_whole(self) -> bool:
@@ -243,8 +229,6 @@ class Plan:
             parts.append("compiled layers")
         if self.attention == EXPANDED_KV:
             parts.append("K/V expanded for SDPA")
-        if self.sdpa_cudnn:
-            parts.append(f"cuDNN attention (padded to {self.pad_to})")
         if self.recompute_layers and self.checkpoints_on_cpu:
             parts.append("checkpoints in host RAM")
         if self.packing:
@@ -280,12 +264,10 @@ class Pins:
     compile_layers: Optional[bool] = None
     # what the run asks of the card, granted where the card has it (not a pin of the layout)
     attention: Optional[str] = None  # --attn_implementation
-    sdpa_cudnn: Optional[bool] = None  # --sdpa_cudnn
     fused_kernels: bool = True  # --fused_kernels (with --lean_activations)
 
     def pinned(self) -> dict:
-        return {k: v for k, v in asdict(self).items()
-                if v is not None and k not in ("attention", "sdpa_cudnn", "fused_kernels")}
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in ("attention", "fused_kernels")}
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -414,10 +396,9 @@ def step_time(plan: Plan, shape: Shape, cards: Cards, positions: int) -> StepTim
     (parameter offload; and the loss's vocabulary slice); two passes (forward, recompute + backward), per-Linear
     gathers a recomputed layer once more."""
     ref, card = CARDS[REFERENCE_CARD], cards.card or CARDS[REFERENCE_CARD]
-    positions = -(-positions // plan.pad_to) * plan.pad_to
     share = plan.recompute_layers / shape.layers
     gemm, attention = step_flops(shape, positions, share)
-    kernel = "memory-efficient" if plan.attention == EXPANDED_KV else ("cudnn" if plan.sdpa_cudnn else "flash")
+    kernel = "memory-efficient" if plan.attention == EXPANDED_KV else "flash"
     ref_s = reference_seconds(plan, shape, positions, "whole")
     overhead = reference_seconds(plan, shape, positions) - ref_s
     ref_gemm = gemm / (ref.fp16_tflops * 1e12 * GEMM_SHARE)
@@ -546,9 +527,8 @@ def _execution(shape: Shape, cards: Cards, pins: Pins, trainable_numel: int, dty
     if dtype == "bfloat16" and card is not None and not card.bf16:
         raise ConfigError([f"bf16 is on, but a {card.name} has no bf16: run fp16 (--fp16 true, or fp16 in the DeepSpeed "
                            f"file)"])
-    cudnn = attention == "sdpa" and card is not None and card.sdpa_cudnn and pins.sdpa_cudnn is not False
     return dict(card=card.name if card else None, emulated=cards.emulated, dtype=dtype, attention=attention,
-                sdpa_flash=sdpa_flash, sdpa_cudnn=cudnn, fused_kernels=pins.fused_kernels and cards.kind == "cuda" and cards.compiler,
+                sdpa_flash=sdpa_flash, fused_kernels=pins.fused_kernels and cards.kind == "cuda" and cards.compiler,
                 gpu_memory_cap_gib=cards.cap_gib, trainable_numel=trainable_numel, layer_numel=shape.layer_numel)
 
 
@@ -573,8 +553,6 @@ def _finish(fields: dict, cards: Cards, shape: Shape, packing: bool, positions: 
         saved = step_seconds(plan, shape, cards, positions) - step_seconds(replace(plan, compile_layers=True), shape,
                                                                             cards, positions)
         plan = replace(plan, compile_layers=micro_steps is None or saved * micro_steps > COMPILE_S)
-    if packing:  # a packed row's pads would need positions of their own: flash, which plans nothing
-        plan = replace(plan, sdpa_cudnn=False)
     if plan.compile_layers:  # Inductor fuses the lean functions' arithmetic itself
         plan = replace(plan, fused_kernels=False)
     return plan
@@ -661,7 +639,7 @@ def apply_to_ds(plan: Plan, ds: dict) -> dict:
 def execute(plan: Plan) -> None:
     """The plan's process-wide switches, set once before the model is built (prepare_engine): the SDPA kernels the
     planned card has (attention.allow_sdpa_kernels)."""
-    allow_sdpa_kernels(plan.sdpa_flash, plan.sdpa_cudnn)
+    allow_sdpa_kernels(plan.sdpa_flash)
 
 
 def apply_env(cap_gib: Optional[float], world: int) -> None:
@@ -688,7 +666,7 @@ def pins_of(cfg, ds_file: dict, layers: int) -> Pins:
         recompute = layers if cfg.gradient_checkpointing else 0
     return Pins(zero_stage=None if stage in (None, "auto") else int(stage), whole_layers=cfg.gather_whole_layers,
                 recompute_layers=recompute, checkpoints_on_cpu=cfg.checkpoints_on_cpu, offload_param=offload,
-                compile_layers=cfg.compile_layers, attention=cfg.attn_implementation, sdpa_cudnn=cfg.sdpa_cudnn,
+                compile_layers=cfg.compile_layers, attention=cfg.attn_implementation,
                 fused_kernels=cfg.fused_kernels and cfg.lean_activations)
 
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 EXPANDED_KV = "sdpa_expanded_kv"
-UNCOMPILED_SDPA = "sdpa_uncompiled"
 # torch.nn.attention.SDPBackend's values, as torch._fused_sdp_choice returns them
 SDPA_BACKENDS = {-1: "none", 0: "math", 1: "flash", 2: "memory-efficient", 3: "cudnn", 4: "overrideable"}
 
@@ -43,32 +42,19 @@ def sdpa_expanded_kv(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2).contiguous(), None
 
 
-@torch.compiler.disable
-def sdpa_uncompiled(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: Optional[torch.Tensor], **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, called between a compiled layer's graphs instead of inside them: traced,
-    SDPA's cuDNN kernel left the loop compiling for new lengths (benchmarks/RESULTS.md, "cuDNN's attention")."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
 def register() -> None:
-    """Make `sdpa_expanded_kv` and `sdpa_uncompiled` attention implementations transformers knows, with SDPA's
-    masks."""
+    """Make `sdpa_expanded_kv` an attention implementation transformers knows, with SDPA's masks."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    for name, fn in ((EXPANDED_KV, sdpa_expanded_kv), (UNCOMPILED_SDPA, sdpa_uncompiled)):
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionInterface.register(EXPANDED_KV, sdpa_expanded_kv)
+    AttentionMaskInterface.register(EXPANDED_KV, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def allow_sdpa_kernels(flash: bool, cudnn: bool = False) -> None:
-    """The process's SDPA kernels: flash where `flash` (off: a bigger card runs a Turing card's kernels), cuDNN's
-    where `cudnn` (it plans anew for every sequence length, ~0.14 s a 14B micro-step on 1 x H200: the plan pads
-    the lengths to a few; benchmarks/RESULTS.md)."""
-    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+def allow_sdpa_kernels(flash: bool) -> None:
+    """The process's SDPA kernels: cuDNN's never (it plans anew for every sequence length, ~0.14 s a 14B micro-step
+    on 1 x H200: benchmarks/RESULTS.md), flash where `flash` (off: a bigger card runs a Turing card's kernels)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
     torch.backends.cuda.enable_flash_sdp(flash)
 
 
@@ -95,10 +81,9 @@ def sdpa_backend(attention: str, device: torch.device, dtype: torch.dtype, heads
                  positions: int = 256) -> Optional[str]:
     """The SDPA kernel that serves a causal training call of `attention` on this process's device, as PyTorch's
     dispatcher picks it under the current switches (flash, cuDNN, ...). None where SDPA is not used."""
-    if attention not in ("sdpa", EXPANDED_KV, UNCOMPILED_SDPA):
+    if attention not in ("sdpa", EXPANDED_KV):
         return None
-    gqa = attention != EXPANDED_KV and heads != kv_heads
     q = torch.zeros(1, heads, positions, head_dim, dtype=dtype, device=device)
-    kv = torch.zeros(1, kv_heads if gqa else heads, positions, head_dim, dtype=dtype, device=device)
-    choice = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=gqa)
+    kv = torch.zeros(1, heads if attention == EXPANDED_KV else kv_heads, positions, head_dim, dtype=dtype, device=device)
+    choice = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=attention == "sdpa" and heads != kv_heads)
     return SDPA_BACKENDS.get(int(choice), str(int(choice)))

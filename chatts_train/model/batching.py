@@ -12,12 +12,11 @@ import torch
 from ..tokens import IGNORE_INDEX, TS_TOKEN_ID
 
 
-def collate(samples: Sequence, pad_id: int, padding_side: str = "right", multiple: int = 1) -> dict[str, torch.Tensor]:
-    """`samples` are `processor.Encoded`. Right padding for training, left for batched generation; the width a
-    multiple of `multiple` (the plan's pad_to). With labels (training, scoring) the batch also carries the `<ts>`
-    positions of the flattened ids (`ts_index`) and the `answer_positions` (`answer_index`), and, right-padded,
-    no attention mask."""
-    width = -(-max(len(s) for s in samples) // multiple) * multiple
+def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """`samples` are `processor.Encoded`. Right padding for training, left for batched generation. With labels
+    (training, scoring) the batch also carries the `<ts>` positions of the flattened ids (`ts_index`) and the
+    `answer_positions` (`answer_index`), and, right-padded, no attention mask."""
+    width = max(len(s) for s in samples)
     batch = len(samples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(batch, width, dtype=torch.long)

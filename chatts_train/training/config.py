@@ -53,7 +53,6 @@ class TrainConfig:
     card: str = "auto"  # the GPU to plan for (2080ti, 3090, 4090, a100-40, a100-80, h100, h200); on a bigger one, run as it
     gpu_memory_cap_gib: Optional[float] = None  # cap each process's PyTorch memory (emulate a smaller card)
     attn_implementation: Optional[str] = None  # sdpa (default), flash_attention_2 (sm80+), eager
-    sdpa_cudnn: Optional[bool] = None  # SDPA's cuDNN attention, micro-steps padded to a multiple of 64 (default: on sm90)
     seed: int = 42
     # saving and logging
     save_steps: int = 50  # adapter + resume checkpoint every N optimizer steps (0: only at the end)

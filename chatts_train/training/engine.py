@@ -151,7 +151,7 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
             raise TrainingError(f"compiling the fused norm and gate kernels failed ({type(e).__name__}: {first}); "
                                 "run with --fused_kernels false: the same arithmetic, op by op") from e
         get_accelerator().empty_cache()  # nothing else is on the GPU yet: give the trial runs' memory back
-    model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, plan.attn_implementation,
+    model, hf_ds = build_model(None if shape is not None else cfg.model_path, ds, plan.attention,
                                config=shape, device=device)
     if cfg.lean_activations:
         keep_fewer_activations(model, kernels)
