@@ -3,9 +3,11 @@ LoRA on q/k/v, the lean activations, `compile_layers`), in fresh processes one a
 cache folder, each printing its first forward and backward's seconds and `compile_report()` as a JSON line.
 
     python benchmarks/compile_cache.py [--runs 2] [--layers 6] [--custom_autograd_cache false] [--cache_dir DIR]
+        [--device cuda] [--profile FILE]
 
-The tiny model's shape with `--layers` decoder layers, on this process's device (the CPU here: Inductor's C++
-kernels). `--custom_autograd_cache false` turns off, after `compile_layers`, what it turns on: AOTAutograd's
+The tiny model's shape with `--layers` decoder layers, on `--device` (the CPU: Inductor's C++ kernels; cuda: Triton's,
+in fp16). `--profile FILE`: the last run's first forward and backward under cProfile, its 60 costliest calls
+(cumulative) written to FILE: where a run over warm caches still spends its seconds. `--custom_autograd_cache false` turns off, after `compile_layers`, what it turns on: AOTAutograd's
 on-disk cache for graphs holding custom autograd Functions (RESULTS.md "The first step").
 """
 from __future__ import annotations
@@ -21,7 +23,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def one_run(layers: int, custom_autograd_cache: bool) -> dict:
+def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profile: str = "") -> dict:
+    import cProfile
+    import pstats
+
     import torch
     import torch._functorch.config as aot_config
     from peft import LoraConfig, get_peft_model
@@ -35,17 +40,27 @@ def one_run(layers: int, custom_autograd_cache: bool) -> dict:
     raw.pop("model_type")
     config = ChatTSConfig(**raw)
     config._attn_implementation = "sdpa"
-    model = get_peft_model(ChatTSForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    base = ChatTSForCausalLM(config).to(device, torch.float16 if device == "cuda" else torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"]))
     keep_fewer_activations(model.base_model.model)
     compile_layers(model.base_model.model.model.layers)
     aot_config.autograd_cache_allow_custom_autograd_functions = custom_autograd_cache
     model.train()
     seconds = []
     for n in (40, 57):  # a second length: no new graph (dynamic positions)
+        profiler = cProfile.Profile() if profile and not seconds else None
         t = time.perf_counter()
-        out = model.base_model.model.model(input_ids=torch.randint(0, 1000, (1, n)), use_cache=False)
+        if profiler:
+            profiler.enable()
+        out = model.base_model.model.model(input_ids=torch.randint(0, 1000, (1, n), device=device), use_cache=False)
         out.last_hidden_state.float().sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
         seconds.append(round(time.perf_counter() - t, 2))
+        if profiler:
+            profiler.disable()
+            with open(profile, "w") as f:
+                pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
     return {"first_call_s": seconds[0], "second_length_s": seconds[1], "compiled": compile_report()}
 
 
@@ -55,16 +70,20 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--custom_autograd_cache", choices=["true", "false"], default="true")
     p.add_argument("--cache_dir", default=None, help="Inductor's cache folder (default: a new one, empty)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda")
+    p.add_argument("--profile", default="", help="the last run's first call under cProfile: its costliest calls to this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(one_run(a.layers, a.custom_autograd_cache == "true")), flush=True)
+        print(json.dumps(one_run(a.layers, a.custom_autograd_cache == "true", a.device, a.profile)), flush=True)
         return
     cache = a.cache_dir or tempfile.mkdtemp(prefix="inductor-")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     for run in range(1, a.runs + 1):
+        last = ["--profile", a.profile] if a.profile and run == a.runs else []
         out = subprocess.run([sys.executable, __file__, "--child", "--layers", str(a.layers), "--custom_autograd_cache",
-                              a.custom_autograd_cache], env=env, capture_output=True, text=True, check=True)
+                              a.custom_autograd_cache, "--device", a.device, *last], env=env, capture_output=True,
+                             text=True, check=True)
         print(json.dumps({"run": run, "cache_dir": cache, **json.loads(out.stdout.strip().splitlines()[-1])}), flush=True)
 
 
