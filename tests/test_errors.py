@@ -56,6 +56,15 @@ def _cpu_env(**extra):
             "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
+def test_launch_sh_asks_for_no_more_gpus_than_cuda_visible_devices_names(tiny):
+    """One node: launch.sh gives DeepSpeed's launcher CUDA_VISIBLE_DEVICES' first NUM_GPUS, and says what to set
+    where that names fewer, before any process starts."""
+    env = _cpu_env(MODEL_PATH=tiny["0801"], NUM_GPUS="2", CUDA_VISIBLE_DEVICES="3")
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "CUDA_VISIBLE_DEVICES=3 names 1: set NUM_GPUS=1" in out.stderr, out.stderr[-2000:]
+    assert "deepspeed.launcher" not in out.stdout + out.stderr
+
+
 @pytest.mark.slow
 def test_sigterm_to_launch_sh_stops_every_rank_cleanly_and_exits_after_them(tiny, tmp_path):
     """What `kill <pid>` of `bash launch.sh` (or a process supervisor) does: a resume checkpoint, then the
