@@ -7,8 +7,9 @@ cache folder, each printing its first forward and backward's seconds and `compil
 
 The tiny model's shape with `--layers` decoder layers, on `--device` (the CPU: Inductor's C++ kernels; cuda: Triton's,
 in fp16). `--profile FILE`: the last run's first forward and backward under cProfile, its 60 costliest calls
-(cumulative) written to FILE: where a run over warm caches still spends its seconds. `--custom_autograd_cache false` turns off, after `compile_layers`, what it turns on: AOTAutograd's
-on-disk cache for graphs holding custom autograd Functions (RESULTS.md "The first step").
+(cumulative) written to FILE: where a run over warm caches still spends its seconds. `--custom_autograd_cache false`
+turns off, after `compile_layers`, what it turns on: AOTAutograd's on-disk cache for graphs holding custom autograd
+Functions (RESULTS.md "The first step").
 """
 from __future__ import annotations
 
