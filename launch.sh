@@ -32,7 +32,8 @@ run_job() {
 }
 
 # One node: DeepSpeed's per-node launcher started directly, with the command its runner would give it (the
-# runner's own start, an import of DeepSpeed: 29 -> 14 s to the rank on 1 x H200, RESULTS.md); GPUs: CUDA_VISIBLE_DEVICES' first N.
+# runner's own start, an import of DeepSpeed: 29 -> 14 s to the rank on 1 x H200, RESULTS.md);
+# GPUs: CUDA_VISIBLE_DEVICES' first N.
 one_node() {  # one_node N: `launcher`, for N processes on this node
   local world
   world=$(python3 -c 'import base64, json, os, sys
