@@ -36,21 +36,24 @@ def is_compiled(layer: torch.nn.Module) -> bool:
     return hasattr(layer.forward, "_torchdynamo_orig_callable")
 
 
-def compile_report() -> dict:
+def compile_report(phases: int = 12) -> dict:
     """What torch.compile did in this process: graphs, seconds compiling (forward graphs when first called,
-    backward graphs at their first backward) and what Inductor found in its caches on disk. Empty if nothing
-    was compiled."""
+    backward graphs at their first backward), what Inductor found in its caches on disk, and the `phases`
+    costliest of torch's timed compile phases in seconds (nested: a phase's time includes those it calls), which
+    say where a first step's compiling went. Empty if nothing was compiled."""
     from torch._dynamo.utils import compilation_time_metrics as seconds, counters
 
     if not counters["stats"]["unique_graphs"]:
         return {}
     total = {k: round(sum(seconds.get(k, [])), 1) for k in ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")}
+    timed = sorted(((k, sum(v)) for k, v in seconds.items()), key=lambda kv: -kv[1])[:phases]
     return {"graphs": counters["stats"]["unique_graphs"], "forward_s": total["_compile.compile_inner"],
             "backward_s": total["compile_fx.<locals>.bw_compiler"],
             "autotune_s": round(sum(sum(v) for k, v in seconds.items() if "benchmark_all_configs" in k), 1),
             "fx_cache": {k.split("_")[-1]: n for k, n in counters["inductor"].items() if k.startswith("fxgraph_cache_")},
             "aot_cache": {k.split("_")[-1]: n for k, n in counters["aot_autograd"].items()
-                          if k.startswith("autograd_cache_")}}
+                          if k.startswith("autograd_cache_")},
+            "phases_s": {k: round(s, 2) for k, s in timed if s >= 0.01}}
 
 
 def compile_failure(e: BaseException) -> bool:
