@@ -204,7 +204,7 @@ def measure_length(engine, a: Probe, config, plan, cards, shape, world: int, dev
 
     ga = engine.gradient_accumulation_steps()
     b = {k: v.to(device) for k, v in collate([probe_batch(n, config.ts_spec, config.vocab_size)],
-                                             config.pad_token_id or 0).items()}
+                                             config.pad_token_id or 0, multiple=plan.pad_to).items()}
     scale, *_ = step_token_scale([b] * ga, ga, world, device)
     took = []
     for _ in range(a.steps * ga):
@@ -234,9 +234,10 @@ def measure_probed(engine, cfg, a: Probe, config, plan, world: int, device, rank
     spec, pad_id = config.ts_spec, config.pad_token_id or 0  # the checkpoint's pad (pads carry no loss)
     if a.pack:
         lengths = [int(x) for x in a.pack.split(",")]
-        batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], pad_id)
+        batch = pack([probe_batch(n, spec, config.vocab_size, seed=i) for i, n in enumerate(lengths)], pad_id,
+                     plan.pad_to)
     else:
-        batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id)
+        batch = collate([probe_batch(a.seq_len, spec, config.vocab_size)], pad_id, multiple=plan.pad_to)
     batch = {k: v.to(device) for k, v in batch.items()}
     # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
     token_scale, *_ = step_token_scale([batch] * ga, ga, world, device)

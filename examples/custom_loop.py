@@ -43,7 +43,8 @@ def main() -> None:
     reader, pad_id = SampleReader(run.index, run.processor), run.processor.tokenizer.pad_token_id
 
     for step in range(run.start_step, run.total_steps):
-        batches = [collate([reader[int(i)] for i in ids], pad_id) for ids in run.sampler.micro_batches(step, run.rank)]
+        batches = [collate([reader[int(i)] for i in ids], pad_id, multiple=run.plan.pad_to)  # the plan's padding
+                   for ids in run.sampler.micro_batches(step, run.rank)]
         token_scale, tokens, _ = step_token_scale(batches, ga, world, device)
         loss = sum(micro_step(engine, {k: v.to(device) for k, v in b.items()}, token_scale) for b in batches)
         dist.all_reduce(loss)

@@ -121,11 +121,20 @@ def test_batch_equals_one_by_one_on_mixed_batches(tiny, processors):
         together = model(**collate(samples, pad))
         alone = [model(**collate([s], pad)) for s in samples]
         packed = model(**pack(samples, pad))
+        # the plan's padding to a multiple (compiled layers: 8) changes nothing a position computes
+        batches = [collate([s], pad, multiple=8) for s in samples] + [pack(samples, pad, 8)]
+        assert all(b["input_ids"].shape[1] % 8 == 0 for b in batches)
+        assert any(len(s) % 8 for s in samples) and sum(len(s) for s in samples) % 8  # so some were padded
+        *padded, packed_padded = [model(**b) for b in batches]
     torch.testing.assert_close(together.loss_sum, sum(a.loss_sum for a in alone), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(together.logits, torch.cat([a.logits for a in alone]), rtol=1e-4, atol=1e-4)
     # packing keeps attention inside each sample: same logits and loss as one by one
     torch.testing.assert_close(packed.logits, torch.cat([a.logits for a in alone]), rtol=1e-4, atol=1e-4)
     assert int(together.num_tokens) == sum(int(a.num_tokens) for a in alone)
+    for a, p in zip(alone, padded):
+        torch.testing.assert_close(p.logits, a.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p.loss_sum, a.loss_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_padded.logits, packed.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_batcher_indices_give_the_searched_steps_without_a_search(tiny, processors):

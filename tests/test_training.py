@@ -62,9 +62,11 @@ def test_every_plan_computes_the_reference_steps(results):
     assert r["zero2_selective"]["setup"]["zero_stage"] == 2 and r["zero2_selective"]["setup"]["checkpointed_layers"] == 1
     assert r["auto"]["setup"]["compiled_layers"] == 0  # on the CPU the chooser does not compile
     assert r["zero1_compiled"]["setup"]["compiled_layers"] == 2 and r["zero1_compiled"]["plan"]["compile_layers"]
-    # the run's summary says what compiling cost: a layer's forward graph (its input requiring grad or not) and backward
+    # the run's summary says what compiling cost, and one graph served every layer and length: the first layer's
+    # input like the others' (requiring grad, not a view) and every micro-step padded to the plan's multiple of 8
     compiled = r["zero1_compiled"]["compiled"]
-    assert compiled["graphs"] >= 2 and compiled["forward_s"] > 0 and compiled["fx_cache"], compiled
+    assert compiled["graphs"] == 1 and compiled["forward_s"] > 0 and compiled["fx_cache"], compiled
+    assert compiled["phases_s"]["_compile.compile_inner"] > 0, compiled  # where the compiling went
     assert "bypass" not in compiled["aot_cache"], compiled  # the layers' graphs go to AOTAutograd's cache on disk
     assert r["zero2_compiled_selective"]["setup"]["checkpointed_layers"] == 1
     assert r["zero3_layers_host"]["setup"]["whole_layer_gathers"] and r["zero3_layers_host"]["setup"]["checkpoints_on_cpu"]

@@ -213,6 +213,13 @@ class Plan:
     layer_numel: int = 0  # ZeRO-3 whole-layer gathers: what two layers live and one reused mean in elements
 
     @property
+    def pad_to(self) -> int:
+        """Each micro-step's positions are right-padded to a multiple of this (unlabelled pads after the real positions:
+        exact under causal attention). Compiled layers specialise their graphs on a length's remainder by 8; padded,
+        one graph serves every micro-step (RESULTS.md "The first step")."""
+        return 8 if self.compile_layers else 1
+
+    @property
     def base_whole(self) -> bool:
         """The frozen base whole on every GPU (ZeRO-1 or -2): nothing is gathered, no hook runs inside a layer."""
         return self.zero_stage < 3

@@ -12,11 +12,12 @@ import torch
 from ..tokens import IGNORE_INDEX, TS_TOKEN_ID
 
 
-def collate(samples: Sequence, pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """`samples` are `processor.Encoded`. Right padding for training, left for batched generation. With labels
-    (training, scoring) the batch also carries the `<ts>` positions of the flattened ids (`ts_index`) and the
-    `answer_positions` (`answer_index`), and, right-padded, no attention mask."""
-    width = max(len(s) for s in samples)
+def collate(samples: Sequence, pad_id: int, padding_side: str = "right", multiple: int = 1) -> dict[str, torch.Tensor]:
+    """`samples` are `processor.Encoded`. Right padding for training, left for batched generation; the width a
+    multiple of `multiple` (the plan's pad_to). With labels (training, scoring) the batch also carries the `<ts>`
+    positions of the flattened ids (`ts_index`) and the `answer_positions` (`answer_index`), and, right-padded,
+    no attention mask."""
+    width = -(-max(len(s) for s in samples) // multiple) * multiple
     batch = len(samples)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(batch, width, dtype=torch.long)
@@ -56,10 +57,11 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return rows * labels.shape[1] + cols
 
 
-def pack(samples: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
+def pack(samples: Sequence, pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Several samples in one row: positions restart at each sample and, with no attention mask,
     transformers builds a block-diagonal causal mask from those positions, so attention stays within each
-    sample. One micro-step then pays ZeRO-3's weight gathering once for the whole pack."""
+    sample. One micro-step then pays ZeRO-3's weight gathering once for the whole pack. The pads that make the
+    width a multiple of `multiple` are a block of their own."""
     ids = torch.cat([s.input_ids for s in samples])
     joined = type(samples[0])(
         input_ids=ids,
@@ -67,8 +69,9 @@ def pack(samples: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
         ts_positions=torch.cat([s.ts_positions for s in samples]),
         labels=torch.cat([s.labels for s in samples]) if samples[0].labels is not None else None,
     )
-    out = collate([joined], pad_id)
-    out["position_ids"] = torch.cat([torch.arange(len(s)) for s in samples]).unsqueeze(0)
+    out = collate([joined], pad_id, multiple=multiple)
+    pads = out["input_ids"].shape[1] - len(ids)
+    out["position_ids"] = torch.cat([torch.arange(len(s)) for s in samples] + [torch.arange(pads)]).unsqueeze(0)
     # No label crosses a sample boundary: each sample starts with its (unlabelled) prompt.
     out.pop("attention_mask", None)
     return out

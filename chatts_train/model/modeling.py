@@ -137,8 +137,10 @@ class ChatTSForCausalLM(Qwen2ForCausalLM):
             if len(where) != len(feats):
                 raise ValueError(f"{len(where)} `<ts>` positions for {len(feats)} encoder rows: build inputs "
                                  f"with ChatTSProcessor, which writes one `<ts>` per patch")
-        flat = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, where, feats.to(embeds.dtype))
-        return flat.view_as(embeds)
+        # Into a copy of `embeds` by (row, column), not through a flattened view: a view reaching the first
+        # decoder layer makes its compiled graph differ from the other layers' (one graph more to compile)
+        seq = embeds.shape[1]
+        return embeds.index_put((where // seq, where % seq), feats.to(embeds.dtype))
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """Series go in with the prompt only; cached decoding steps see just the new token."""

@@ -7,6 +7,7 @@ scheduler by hand.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -85,7 +86,7 @@ def train(cfg: TrainConfig, step_fn: Callable = micro_step) -> dict:
     reader, pad_id = SampleReader(run.index, run.processor), run.processor.tokenizer.pad_token_id
     log = MetricsLog(cfg.output_dir, run.rank == 0, cfg.tensorboard, resume_step=run.start_step if cfg.resume else None)
     stop, failures = StopRequest(), Failures(run)
-    batch_of = pack if cfg.packing else collate
+    batch_of = functools.partial(pack if cfg.packing else collate, multiple=run.plan.pad_to)
     bar = Progress(run.total_steps, run.start_step, run.rank == 0)
     first_step_s, samples_seen = None, 0
 

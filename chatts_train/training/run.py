@@ -246,7 +246,7 @@ def first_step_done(run: Run, step_s: float) -> float:
     if compiled:
         cache = ", ".join(f"{n} {k}" for k, n in compiled["fx_cache"].items()) or "not used"
         rank0_print(f"[time] first step {step_s:.1f} s; torch.compile so far {compiled['forward_s'] + compiled['backward_s']:.1f} s "
-                    f"({compiled['graphs']} graphs; Inductor's cache on disk: {cache}); set-up began {since_start:.0f} s ago")
+                    f"({compiled['graphs']} graph{'s' * (compiled['graphs'] != 1)}; Inductor's cache on disk: {cache}); set-up began {since_start:.0f} s ago")
     return since_start
 
 
