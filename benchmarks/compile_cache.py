@@ -3,13 +3,14 @@ LoRA on q/k/v, the lean activations, `compile_layers`), in fresh processes one a
 cache folder, each printing its first forward and backward's seconds and `compile_report()` as a JSON line.
 
     python benchmarks/compile_cache.py [--runs 2] [--layers 6] [--custom_autograd_cache false] [--cache_dir DIR]
-        [--device cuda] [--profile FILE]
+        [--device cuda] [--profile FILE] [--start_workers SECONDS]
 
 The tiny model's shape with `--layers` decoder layers, on `--device` (the CPU: Inductor's C++ kernels; cuda: Triton's,
 in fp16). `--profile FILE`: the last run's first forward and backward under cProfile, its 60 costliest calls
 (cumulative) written to FILE: where a run over warm caches still spends its seconds. `--custom_autograd_cache false`
 turns off, after `compile_layers`, what it turns on: AOTAutograd's on-disk cache for graphs holding custom autograd
-Functions (RESULTS.md "The first step").
+Functions (RESULTS.md "The first step"). `--start_workers S`: Inductor's compile workers started S seconds before
+the first compile (an experiment: would a run that started them while its model loads find them ready?).
 """
 from __future__ import annotations
 
@@ -24,7 +25,19 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profile: str = "") -> dict:
+def start_compile_workers() -> None:
+    """Start Inductor's compile worker processes now. Until they answer, Inductor compiles (or loads) each Triton
+    kernel in the compiling process, one after another; they take tens of seconds to start. An experiment: a run
+    could start them while its model loads."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    AsyncCompile.warm_pool()
+    if hasattr(AsyncCompile, "wakeup"):  # a sidecar pool starts its workers only when woken
+        AsyncCompile.wakeup()
+
+
+def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profile: str = "",
+            start_workers: float = -1) -> dict:
     import cProfile
     import pstats
 
@@ -33,6 +46,10 @@ def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profi
     from peft import LoraConfig, get_peft_model
 
     from chatts_train.fit.compiled_layers import compile_layers, compile_report
+
+    if start_workers >= 0:  # Inductor's compile workers up this many seconds before the first compile
+        start_compile_workers()
+        time.sleep(start_workers)
     from chatts_train.fit.lean_activations import keep_fewer_activations
     from chatts_train.model.modeling import ChatTSConfig, ChatTSForCausalLM
     from chatts_train.model.published import TINY, chatts_config
@@ -44,11 +61,12 @@ def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profi
     base = ChatTSForCausalLM(config).to(device, torch.float16 if device == "cuda" else torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"]))
     keep_fewer_activations(model.base_model.model)
+    model.enable_input_require_grads()  # as prepare_engine: every layer's input requires grad
     compile_layers(model.base_model.model.model.layers)
     aot_config.autograd_cache_allow_custom_autograd_functions = custom_autograd_cache
     model.train()
     seconds = []
-    for n in (40, 57):  # a second length: no new graph (dynamic positions)
+    for n in (40, 64):  # a second length, a multiple of 8 as the plan pads: no new graph (dynamic positions)
         profiler = cProfile.Profile() if profile and not seconds else None
         t = time.perf_counter()
         if profiler:
@@ -73,18 +91,21 @@ def main() -> None:
     p.add_argument("--cache_dir", default=None, help="Inductor's cache folder (default: a new one, empty)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda")
     p.add_argument("--profile", default="", help="the last run's first call under cProfile: its costliest calls to this file")
+    p.add_argument("--start_workers", type=float, default=-1,
+                   help="start Inductor's compile workers as the plan does, this many seconds before compiling (-1: not)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(one_run(a.layers, a.custom_autograd_cache == "true", a.device, a.profile)), flush=True)
+        print(json.dumps(one_run(a.layers, a.custom_autograd_cache == "true", a.device, a.profile, a.start_workers)),
+              flush=True)
         return
     cache = a.cache_dir or tempfile.mkdtemp(prefix="inductor-")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     for run in range(1, a.runs + 1):
         last = ["--profile", a.profile] if a.profile and run == a.runs else []
         out = subprocess.run([sys.executable, __file__, "--child", "--layers", str(a.layers), "--custom_autograd_cache",
-                              a.custom_autograd_cache, "--device", a.device, *last], env=env, capture_output=True,
-                             text=True, check=True)
+                              a.custom_autograd_cache, "--device", a.device, "--start_workers", str(a.start_workers),
+                              *last], env=env, capture_output=True, text=True, check=True)
         print(json.dumps({"run": run, "cache_dir": cache, **json.loads(out.stdout.strip().splitlines()[-1])}), flush=True)
 
 
