@@ -6,10 +6,11 @@ waits on the launches (benchmarks/RESULTS.md, the loop's micro-step budget). Com
 call of a graph and its backward one more; Inductor fuses the elementwise work (norms, rotary embedding, the
 SiLU gate, LoRA's scale-and-add) into fewer kernels.
 
-One graph serves all layers and lengths: the layers run the same code and the number of positions is dynamic,
-so compiling happens once per kind of call (a layer's input requires grad or not; a recomputed layer's first
-pass runs without autograd), during the run's first micro-step: 65-84 s on 1 x H200 for the 14B layers when
-nothing is cached (RESULTS.md "The first step").
+One graph serves all layers and lengths: the layers run the same code, every layer's input requires grad
+(prepare_engine), the number of positions is dynamic and padded to the plan's multiple of 8, so compiling happens
+once per kind of call (a recomputed layer's first pass, without autograd, is one more), during the run's first
+micro-step: 65-84 s on 1 x H200 for the 14B layers when nothing is cached, 44-50 s from Inductor's caches on disk,
+most of it loading the compiled Triton kernels (RESULTS.md "One graph for every layer and length").
 Under the compiled graphs the lean-activation functions are traced like any other code: Inductor's partitioner
 then decides what a layer keeps for backward (RESULTS.md has what that costs in memory).
 """
