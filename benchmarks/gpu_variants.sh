@@ -16,11 +16,15 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}; W=${WORK:-/tmp/chatts-real}; mkdir -p "$OUT/logs" "$W"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 OUT W
 MODEL=$W/ChatTS-14B; DATA=$W/data
+# TREE=DIR: the loop and job variants run DIR's launch.sh, so DIR's package (an A/B of two commits: `git archive
+# COMMIT | tar -x -C DIR`). A package ahead on PYTHONPATH does not reach the ranks: launch.sh's `python -m` puts its
+# own directory first on sys.path.
+TREE=${TREE:-.}
 PROBE="python3 benchmarks/memprobe.py --num_gpus 1 --seq_len 4096 --also_seq_len 1600 --json"
-LOOP2="env NUM_GPUS=2 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
+LOOP2="env NUM_GPUS=2 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash $TREE/launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 BUDGET="python3 benchmarks/loop_budget.py --model_path $MODEL --dataset_dir $DATA --max_steps ${STEPS:-5} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 AB="python3 benchmarks/micro_step_ab.py --model_path $MODEL --dataset_dir $DATA --plot false --tensorboard false --overwrite_output_dir"
-LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
+LOOP="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$DATA bash $TREE/launch.sh --max_steps ${STEPS:-3} --save_steps 0 --plot false --tensorboard false --overwrite_output_dir"
 # LLaMA-Factory's wheels (benchmarks/peer_wheels.sh) go ahead of the pinned ones: it needs peft >= 0.18
 LF="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lf .whl/llamafactory/*.whl && env PYTHONPATH=/tmp/lf:${PYTHONPATH:-} PATH=/tmp/lf/bin:$PATH python3 benchmarks/llamafactory_peer.py --model_path $MODEL --dataset_dir $DATA --work $W/lf"
 
@@ -59,8 +63,8 @@ declare -A V=(
   [lf_zero3]="$LF --row zero3 --max_steps 4"
   # the users' whole job: launch.sh with no flags, 421 samples x 3 epochs (wall_s: launch to exit), then its first
   # step again on the same machine with Inductor's caches on disk (2 steps, the plan the job chose pinned)
-  [job_users]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full OUTPUT=$W/job_users bash launch.sh"
-  [job_first_step]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full bash launch.sh --output_dir $W/job_first_step --max_steps 2 --zero_stage 1 --recompute_layers 0 --compile_layers true --plot false --overwrite_output_dir"
+  [job_users]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full OUTPUT=$W/job_users bash $TREE/launch.sh"
+  [job_first_step]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full bash $TREE/launch.sh --output_dir $W/job_first_step --max_steps 2 --zero_stage 1 --recompute_layers 0 --compile_layers true --plot false --overwrite_output_dir"
   # the real loop on the 14B folder: the plan the job chooses, uncapped and as a 48 / 24 GiB card
   [loop_auto]="$LOOP --output_dir $W/loop_auto"
   [loop_compiled]="$LOOP --output_dir $W/loop_compiled --compile_layers true"
