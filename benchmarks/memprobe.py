@@ -241,7 +241,8 @@ def measure_probed(engine, cfg, a: Probe, config, plan, world: int, device, rank
     batch = {k: v.to(device) for k, v in batch.items()}
     # the same sample on every rank and micro-step, scaled as the loop scales an optimizer step of them
     token_scale, *_ = step_token_scale([batch] * ga, ga, world, device)
-    result["seq_len"] = int(batch["input_ids"].shape[1])
+    # positions without the plan's pads, as the loop counts its tokens (the batch is padded to plan.pad_to)
+    result["seq_len"] = sum(int(x) for x in a.pack.split(",")) if a.pack else a.seq_len
     result["samples_per_micro_step"] = len(a.pack.split(",")) if a.pack else 1
     traffic = count_traffic()
     phases = PhasePeaks(engine, device) if a.phases and gpu else None
