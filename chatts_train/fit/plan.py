@@ -216,7 +216,7 @@ class Plan:
     def pad_to(self) -> int:
         """Each micro-step's positions are right-padded to a multiple of this (unlabelled pads after the real positions:
         exact under causal attention). Compiled layers specialise their graphs on a length's remainder by 8; padded,
-        one graph serves every micro-step (RESULTS.md "The first step")."""
+        one graph serves every micro-step (RESULTS.md "One graph for every layer and length")."""
         return 8 if self.compile_layers else 1
 
     @property

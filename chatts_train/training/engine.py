@@ -164,8 +164,8 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
         gather_whole_layers(model)
     if plan.compile_layers:
         # the first layer's input requires grad too, so one graph serves all of them (without, the first layer is
-        # a kind of call of its own: one graph more to compile, RESULTS.md "The first step"); its input's gradient
-        # costs a layer's q/k/v input GEMMs once a micro-step
+        # a kind of call of its own: one graph more to compile, RESULTS.md "One graph for every layer and length");
+        # its input's gradient costs a layer's q/k/v input GEMMs once a micro-step
         model.enable_input_require_grads()
         compile_layers(decoder_layers(model))
     engine = build_engine(model, ds, cfg, total_steps)

@@ -246,8 +246,9 @@ def first_step_done(run: Run, step_s: float) -> float:
     compiled = compile_report()
     if compiled:
         cache = ", ".join(f"{n} {k}" for k, n in compiled["fx_cache"].items()) or "not used"
+        graphs = f"{compiled['graphs']} graph{'s' * (compiled['graphs'] != 1)}"
         rank0_print(f"[time] first step {step_s:.1f} s; torch.compile so far {compiled['forward_s'] + compiled['backward_s']:.1f} s "
-                    f"({compiled['graphs']} graph{'s' * (compiled['graphs'] != 1)}; Inductor's cache on disk: {cache}); set-up began {since_start:.0f} s ago")
+                    f"({graphs}; Inductor's cache on disk: {cache}); set-up began {since_start:.0f} s ago")
     return since_start
 
 
