@@ -5,7 +5,8 @@ benchmarks/results/<card>/<kind>.jsonl, with the card, the date and a label (wha
 
 <card> is the GPU count and model from machine.txt (`h200x1`); <kind> follows the variant's name: the loop on
 the 14B folder at the users' lengths (`loop_*`, `x2_loop_*`), its budget (`budget_*`), a micro-step by what it is fed (`ab_*`), memprobe (`probe_*`,
-`usual_vs_auto`, `x2_probe_*`, `turing_x2_probe*`), the plain PEFT recipe (`plain_peft*`), LLaMA-Factory (`lf_*`), the users' whole job (`job_*`); `turing_loop` is the loop.
+`usual_vs_auto`, `x2_probe_*`, `turing_x2_probe*`), the plain PEFT recipe (`plain_peft*`), LLaMA-Factory (`lf_*`), the users' whole job (`job_*`), the first step's compiling
+(`compile_cache*`); `turing_loop` is the loop.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import os
 KINDS = (("budget_", "loop_budget_users_lengths"), ("x2_loop_", "loop_users_lengths"), ("loop_", "loop_users_lengths"),
          ("x2_probe_", "memprobe"), ("probe_", "memprobe"), ("usual_vs_auto", "memprobe"), ("plain_peft", "plain_peft"),
          ("lf_", "llamafactory"), ("job_", "whole_job"),
-         ("ab_", "micro_step_ab"), ("turing_loop", "loop_users_lengths"), ("turing_x2_probe", "memprobe"))
+         ("ab_", "micro_step_ab"), ("turing_loop", "loop_users_lengths"), ("turing_x2_probe", "memprobe"),
+         ("compile_cache", "compile_cache"))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -1,6 +1,6 @@
 """One JSON line of what a variant of gpu_variants.sh measured, from its log and its run folder:
-memprobe's report (--json is not used: the report is the log's last JSON object), plain_peft.py's and
-llamafactory_peer.py's lines,
+memprobe's report (--json is not used: the report is the log's last JSON object), plain_peft.py's,
+llamafactory_peer.py's and compile_cache.py's lines,
 or the loop's [plan] line, metrics rows, setup.json, summary and (loop_budget.py) budget.json, (micro_step_ab.py) ab.json.
 
     python benchmarks/variant_result.py NAME RC WALL_S COMMAND LOG RUN_DIR
@@ -43,7 +43,8 @@ def main() -> None:
         row["errors"] = [line for line in text.splitlines() if "error" in line.lower()][-5:]
     else:
         objs = json_objects(text)
-        reports = [o for o in objs if "verdict" in o or o.get("recipe") in ("plain_peft", "llamafactory")]
+        reports = [o for o in objs if "verdict" in o or o.get("recipe") in ("plain_peft", "llamafactory")
+                   or "first_call_s" in o]  # memprobe, the peers, compile_cache.py's runs
         row["reports"] = reports if reports else None
         row["tail"] = text[-1500:] if not reports else None
     print(json.dumps(row))
