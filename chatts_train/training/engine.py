@@ -159,14 +159,12 @@ def prepare_engine(cfg: TrainConfig, ds: dict, total_steps: int, plan: Plan, sha
     # was built draws from the generator differently per ZeRO stage)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        model = add_lora(model, cfg, plan.recompute_layers, plan.checkpoints_on_cpu)
+        # compiled layers: the first layer's input requires grad too (its q/k/v input GEMMs once a micro-step more)
+        model = add_lora(model, cfg, plan.recompute_layers, plan.checkpoints_on_cpu,
+                         inputs_require_grad=plan.compile_layers)
     if plan.zero_stage == 3 and plan.whole_layers:
         gather_whole_layers(model)
     if plan.compile_layers:
-        # the first layer's input requires grad too, so one graph serves all of them (without, the first layer is
-        # a kind of call of its own: one graph more to compile, RESULTS.md "One graph for every layer and length");
-        # its input's gradient costs a layer's q/k/v input GEMMs once a micro-step
-        model.enable_input_require_grads()
         compile_layers(decoder_layers(model))
     engine = build_engine(model, ds, cfg, total_steps)
     engine.train()
