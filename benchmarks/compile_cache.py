@@ -46,13 +46,13 @@ def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profi
     from peft import LoraConfig, get_peft_model
 
     from chatts_train.fit.compiled_layers import compile_layers, compile_report
+    from chatts_train.fit.lean_activations import keep_fewer_activations
+    from chatts_train.model.modeling import ChatTSConfig, ChatTSForCausalLM
+    from chatts_train.model.published import TINY, chatts_config
 
     if start_workers >= 0:  # Inductor's compile workers up this many seconds before the first compile
         start_compile_workers()
         time.sleep(start_workers)
-    from chatts_train.fit.lean_activations import keep_fewer_activations
-    from chatts_train.model.modeling import ChatTSConfig, ChatTSForCausalLM
-    from chatts_train.model.published import TINY, chatts_config
 
     raw = chatts_config("0801", **{**TINY, "num_hidden_layers": layers, "max_window_layers": layers})
     raw.pop("model_type")
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda")
     p.add_argument("--profile", default="", help="the last run's first call under cProfile: its costliest calls to this file")
     p.add_argument("--start_workers", type=float, default=-1,
-                   help="start Inductor's compile workers as the plan does, this many seconds before compiling (-1: not)")
+                   help="start Inductor's compile workers this many seconds before compiling (-1: not)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
