@@ -7,10 +7,13 @@ cache folder, each printing its first forward and backward's seconds and `compil
 
 The tiny model's shape with `--layers` decoder layers, on `--device` (the CPU: Inductor's C++ kernels; cuda: Triton's,
 in fp16). `--profile FILE`: the last run's first forward and backward under cProfile, its 60 costliest calls
-(cumulative) written to FILE: where a run over warm caches still spends its seconds. `--custom_autograd_cache false`
+(cumulative, then by own time) written to FILE and the raw stats to FILE.pstats: where a run over warm caches still
+spends its seconds. `--custom_autograd_cache false`
 turns off, after `compile_layers`, what it turns on: AOTAutograd's on-disk cache for graphs holding custom autograd
-Functions (RESULTS.md "The first step"). `--start_workers S`: Inductor's compile workers started S seconds before
-the first compile (an experiment: would a run that started them while its model loads find them ready?).
+Functions (RESULTS.md "The first step"). `--start_workers S`: Inductor's compile workers started and answering, then
+S seconds more, before the first compile (an experiment: would a run that started them while its model loads find
+them ready?); the line says how long they took to answer (`workers_ready_s`). Each line has Inductor's counters of
+how its Triton kernels were had (`counters`).
 """
 from __future__ import annotations
 
@@ -25,15 +28,26 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def start_compile_workers() -> None:
-    """Start Inductor's compile worker processes now. Until they answer, Inductor compiles (or loads) each Triton
-    kernel in the compiling process, one after another; they take tens of seconds to start. An experiment: a run
-    could start them while its model loads."""
+def start_compile_workers() -> float:
+    """Start Inductor's compile worker processes now and return the seconds until they answer. Until then Inductor
+    compiles (or loads) each Triton kernel in the compiling process, one after another. An experiment: a run could
+    start them while its model loads."""
     from torch._inductor.async_compile import AsyncCompile
 
+    t = time.perf_counter()
     AsyncCompile.warm_pool()
     if hasattr(AsyncCompile, "wakeup"):  # a sidecar pool starts its workers only when woken
         AsyncCompile.wakeup()
+    AsyncCompile.wait_pool_ready(timeout=300)
+    return round(time.perf_counter() - t, 2)
+
+
+def inductor_counters() -> dict:
+    """Inductor's counters that say how the kernels were had: compiled here, in a worker, or launched from the
+    cache's bundle."""
+    from torch._dynamo.utils import counters
+
+    return {k: v for k, v in counters["inductor"].items() if "triton" in k or "async_compile" in k or "autotune" in k}
 
 
 def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profile: str = "",
@@ -50,8 +64,9 @@ def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profi
     from chatts_train.model.modeling import ChatTSConfig, ChatTSForCausalLM
     from chatts_train.model.published import TINY, chatts_config
 
-    if start_workers >= 0:  # Inductor's compile workers up this many seconds before the first compile
-        start_compile_workers()
+    workers_ready_s = None
+    if start_workers >= 0:  # Inductor's compile workers up, then this many seconds more before the first compile
+        workers_ready_s = start_compile_workers()
         time.sleep(start_workers)
 
     raw = chatts_config("0801", **{**TINY, "num_hidden_layers": layers, "max_window_layers": layers})
@@ -78,9 +93,12 @@ def one_run(layers: int, custom_autograd_cache: bool, device: str = "cpu", profi
         seconds.append(round(time.perf_counter() - t, 2))
         if profiler:
             profiler.disable()
+            profiler.dump_stats(profile + ".pstats")  # for callers and callees, read back with pstats
             with open(profile, "w") as f:
-                pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
-    return {"first_call_s": seconds[0], "second_length_s": seconds[1], "compiled": compile_report()}
+                pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(80)
+                pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
+    return {"first_call_s": seconds[0], "second_length_s": seconds[1], "workers_ready_s": workers_ready_s,
+            "counters": inductor_counters(), "compiled": compile_report()}
 
 
 def main() -> None:

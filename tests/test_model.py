@@ -384,6 +384,28 @@ def test_fused_kernels_match_the_eager_ones_and_compile_ahead(dtype):
     assert counters["stats"]["unique_graphs"] == graphs  # all compiled ahead
 
 
+def test_compiled_layers_take_float_attributes_as_constants():
+    """A layer's floats (norm eps, attention scale and dropout) reach the compiled graph as constants, not as CPU
+    scalar tensors: those gave the GPU graph a C++ kernel, whose compile and CPU probes cost ~25 s of every first
+    step, even from Inductor's caches (benchmarks/RESULTS.md "A C++ kernel in a GPU graph")."""
+    from chatts_train.fit.compiled_layers import compile_layers
+    from chatts_train.fit.lean_activations import keep_fewer_activations
+
+    layer, x, pe, pos, grad = _qwen2_layer(torch.float32, train_norms=False)
+    keep_fewer_activations(layer)
+    inputs = []
+
+    def record(gm, example_inputs):
+        inputs.extend(n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
+        return gm.forward
+
+    compile_layers([layer], backend=record)
+    _layer_step(layer, x, pe, pos, grad)
+    assert inputs, "nothing was compiled"
+    scalars = [t for t in inputs if isinstance(t, torch.Tensor) and t.dim() == 0]
+    assert not scalars, f"floats passed as scalar tensors: {scalars}"
+
+
 def test_fused_kernels_that_fail_to_compile_stop_set_up_with_the_way_out(tiny, monkeypatch):
     import chatts_train.training.engine as engine
     from chatts_train.training.config import TrainConfig

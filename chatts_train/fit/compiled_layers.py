@@ -9,8 +9,8 @@ SiLU gate, LoRA's scale-and-add) into fewer kernels.
 One graph serves all layers and lengths: the layers run the same code, every layer's input requires grad
 (prepare_engine), the number of positions is dynamic and padded to the plan's multiple of 8, so compiling happens
 once per kind of call (a recomputed layer's first pass, without autograd, is one more), during the run's first
-micro-step: 65-84 s on 1 x H200 for the 14B layers when nothing is cached, 44-50 s from Inductor's caches on disk,
-most of it loading the compiled Triton kernels (RESULTS.md "One graph for every layer and length").
+micro-step: ~13 s on 1 x H200 for the 14B layers when nothing is cached, ~5 s from Inductor's caches on disk
+(RESULTS.md "A C++ kernel in a GPU graph").
 Under the compiled graphs the lean-activation functions are traced like any other code: Inductor's partitioner
 then decides what a layer keeps for backward (RESULTS.md has what that costs in memory).
 """
@@ -22,6 +22,7 @@ import torch
 
 
 def compile_layers(layers: Sequence[torch.nn.Module], backend: str = "inductor") -> None:
+    import torch._dynamo.config as dynamo_config
     import torch._functorch.config as aot_config
 
     # The lean activations are custom autograd Functions, whose graphs AOTAutograd's on-disk cache skips unless
@@ -29,6 +30,11 @@ def compile_layers(layers: Sequence[torch.nn.Module], backend: str = "inductor")
     # (RESULTS.md "The first step"). The Functions are this package's own, traced into the graphs the cache keys.
     if hasattr(aot_config, "autograd_cache_allow_custom_autograd_functions"):
         aot_config.autograd_cache_allow_custom_autograd_functions = True
+    # Under dynamic=True Dynamo passes a layer's float attributes (norm eps, LoRA scalings, attention scale and
+    # dropout) as CPU scalar tensors, which gives the graph a C++ kernel: a C++ compile and Inductor's CPU
+    # capability probes, ~25 s of every first step even from the caches (RESULTS.md "A C++ kernel in a GPU graph").
+    # They are the same in every layer, so as constants they still make one graph.
+    dynamo_config.specialize_float = True
     for layer in layers:
         layer.forward = torch.compile(layer.forward, backend=backend, dynamic=True)
 

@@ -206,8 +206,8 @@ def report_model(cfg: TrainConfig, ds: dict, plan: Plan, engine, rank: int, devi
                 f"{setup['trainable_numel'] / 1e6:.2f} M, checkpointed layers {setup['checkpointed_layers']}/"
                 f"{setup['decoder_layers']}, loss scale {loss_scale(engine):g}")
     if setup["compiled_layers"]:
-        rank0_print(f"[model] {setup['compiled_layers']} decoder layers compiled during the first micro-step (65-84 s "
-                    f"on 1 x H200 with nothing cached, 44-50 s from Inductor's caches of an earlier run; "
+        rank0_print(f"[model] {setup['compiled_layers']} decoder layers compiled during the first micro-step (~13 s "
+                    f"on 1 x H200 with nothing cached, ~5 s from Inductor's caches of an earlier run; "
                     f"--compile_layers false runs them op by op)")
     elif device.type == "cuda" and cfg.lean_activations and cfg.fused_kernels and not setup["fused_kernel_modules"]:
         why = fusing_unavailable() or f"a {plan.card} runs them op by op (fit/cards.py: compiled kernels need sm80+)"
