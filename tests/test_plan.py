@@ -82,11 +82,12 @@ def test_layers_are_compiled_where_nothing_hooks_into_them_and_torch_can_compile
     with pytest.raises(ValueError, match="needs the base whole"):
         choose(SHAPE, Cards(1, 1, 139.0), 2158, Pins(zero_stage=3, compile_layers=True), mode="reference")
     assert "--compile_layers true" in one_gpu.flags()
-    # compiling (~1 minute) only where the run's micro-steps save more: the users' job (3 epochs of 421 samples,
-    # 1,263 micro-steps on one GPU) yes, a 3-step trial (24) no
+    # compiling (~12 s) only where the run's micro-steps save more: the users' job (3 epochs of 421 samples,
+    # 1,263 micro-steps on one GPU) yes, a 3-step trial (24) or an 8-step one (64) no
     assert choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(), micro_steps=1263)[0].compile_layers
     trial = choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(), micro_steps=24)[0]
     assert trial.zero_stage == 1 and not trial.compile_layers
+    assert not choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(), micro_steps=64)[0].compile_layers
     assert choose(SHAPE, Cards(1, 1, 139.0, compiler=True), 2158, Pins(compile_layers=True), micro_steps=24)[0].compile_layers
 
 

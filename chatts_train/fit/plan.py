@@ -47,7 +47,7 @@ STEP_S = {
 }
 HOST_CHECKPOINTS_FACTOR = 1.10  # recomputed layers' inputs to host memory and back: +10% at 4,096 (HISTORY.md 8)
 COMPILED_STEP_RATIO = {1600: 0.711, 4096: 0.909}  # compiled / op by op ("The launch-bound micro-step")
-COMPILE_S = 75.0  # compiling the 14B layers in the first micro-step, nothing cached: 56-84 s ("The first step")
+COMPILE_S = 12.0  # compiling the 14B layers in the first step, nothing cached: 13.1 s against ~1.5 s ("A C++ kernel in a GPU graph")
 # The card model (step_time): the shares of the data sheet's rate the H200 reached, taken to hold on other
 # cards ("The users' cards"): GEMMs 658-691 of 989 TFLOPS; SDPA flash / memory-efficient with K/V expanded
 # 2.70 / 5.30 ms a layer's forward and backward at 4,096 positions.
