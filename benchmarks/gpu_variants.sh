@@ -67,7 +67,7 @@ declare -A V=(
   [job_first_step]="env NUM_GPUS=1 MODEL_PATH=$MODEL DATASET_DIR=$W/data_full bash $TREE/launch.sh --output_dir $W/job_first_step --max_steps 2 --zero_stage 1 --recompute_layers 0 --compile_layers true --plot false --overwrite_output_dir"
   # the first step's compiling over Inductor's caches (compile_cache.py's tiny layers: their one graph compiles in
   # about the 14B layers' time): cold, warm, warm under cProfile; then warm with Inductor's compile workers answering
-  # before compiling, and warm with one compile thread (RESULTS.md "One graph for every layer and length")
+  # before compiling, and warm with one compile thread (RESULTS.md "A C++ kernel in a GPU graph")
   [compile_cache]="python3 benchmarks/compile_cache.py --device cuda --runs 3 --cache_dir $W/cc --profile $OUT/logs/compile_cache.profile.txt"
   [compile_cache_workers]="python3 benchmarks/compile_cache.py --device cuda --runs 1 --cache_dir $W/cc --start_workers 0"
   [compile_cache_one_thread]="env TORCHINDUCTOR_COMPILE_THREADS=1 python3 benchmarks/compile_cache.py --device cuda --runs 1 --cache_dir $W/cc"
