@@ -32,7 +32,7 @@ def add_lora(model: ChatTSForCausalLM, cfg: TrainConfig, recompute_layers: Optio
             for layer in layers[:k]:
                 layer._gradient_checkpointing_func = partial(_checkpoint_to_host, checkpoint=layer._gradient_checkpointing_func)
     if k or inputs_require_grad:
-        model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+        model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad; compiled layers one graph
     model.checkpoints_on_cpu = bool(k and checkpoints_on_cpu)
     model.config.use_cache = False
     targets = "|".join(cfg.lora_target_list)
